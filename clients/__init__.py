@@ -1,0 +1,1 @@
+"""Clients for the localist server: typed Python client and the `localist` CLI."""

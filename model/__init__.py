@@ -1,0 +1,1 @@
+"""Localist models: the attention with its dial, blocks, metrics, theory, and the model classes."""

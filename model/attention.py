@@ -1,0 +1,144 @@
+"""Localist attention (SPEC §2), defined once.
+
+The reference model, the vLLM model and the metrics all call these functions, so the dial means
+the same thing everywhere. Shapes follow the convention ``[batch, heads, queries, ...]``; block
+statistics are always float32 (a bf16 query term of size λ·ln π⁰ loses whole nats).
+
+Three equivalent forms are exposed, each used where it is cheapest:
+- :func:`localist_attention` — one pass over the keys (dense), the workhorse;
+- :func:`merge_block_partials` — split and merge: per-block partial outputs re-weighted by π^ρ,
+  which is how a split-KV kernel over contiguous block spans finishes;
+- :func:`dial_bias` — the additive per-block bias β, for kernels that accept a score bias.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class BlockStats:
+    """Per (batch, head, query, block) statistics of one attention call, all float32.
+
+    ``log_mass`` is L (−inf where the block has no visible key), ``mass`` is π^ρ (what the query
+    actually put on the block) and ``inner_entropy`` is H(w_g), the entropy inside the block in nats
+    (0 for absent blocks). Metrics and theory are computed from these alone.
+    """
+
+    log_mass: Tensor
+    mass: Tensor
+    inner_entropy: Tensor
+
+
+def dial_mass(log_mass: Tensor, rho: Tensor | float, pinned: Tensor) -> Tensor:
+    """π^ρ over blocks from block log-masses (SPEC §2).
+
+    ``log_mass`` [..., G] float32 with −inf for absent blocks; ``rho`` broadcastable to
+    ``log_mass[..., 0]``; ``pinned`` bool broadcastable to [..., G]. Pinned blocks keep their base
+    mass; the free blocks share the rest with temperature 1 − ρ. ρ = 1 is taken as the limit
+    (argmax, ties split evenly), never as λ = ∞ inside a formula.
+    """
+    L = log_mass.float()
+    rho = torch.as_tensor(rho, dtype=torch.float32, device=L.device).unsqueeze(-1)
+    present = torch.isfinite(L)
+    free = present & ~pinned
+    any_present = present.any(-1, keepdim=True)
+    base = torch.where(any_present, torch.softmax(L.masked_fill(~any_present, 0.0), -1), 0.0)
+    base = base.masked_fill(~present, 0.0)
+    free_share = (base * free).sum(-1, keepdim=True)  # 1 − m_P
+
+    has_free = free.any(-1, keepdim=True)
+    at_limit = rho >= 1.0
+    lam = torch.where(at_limit, 0.0, rho / (1.0 - rho).clamp(min=1e-12))
+    sharp = torch.where(free, (1.0 + lam) * L.masked_fill(~free, 0.0), NEG_INF)
+    sharp = torch.softmax(sharp.masked_fill(~has_free, 0.0), -1).masked_fill(~free, 0.0)
+    L_free = L.masked_fill(~free, NEG_INF)
+    top = free & (L_free == L_free.amax(-1, keepdim=True))
+    limit = top.float() / top.sum(-1, keepdim=True).clamp(min=1)
+    q = torch.where(at_limit, limit, sharp)
+    return torch.where(free, free_share * q, base)
+
+
+def dial_bias(log_mass: Tensor, rho: Tensor | float, pinned: Tensor) -> Tensor:
+    """Form 1: the additive per-block score bias β = ln π^ρ − L (−inf where π^ρ is 0 or absent)."""
+    mass = dial_mass(log_mass, rho, pinned)
+    return torch.where(mass > 0, mass.log() - log_mass.float(), NEG_INF)
+
+
+def merge_block_partials(
+    partial_out: Tensor, log_mass: Tensor, rho: Tensor | float, pinned: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Form 2: merge per-block attention outputs ``partial_out`` [..., G, D] with weights π^ρ.
+
+    ``log_mass`` [..., G] are the blocks' log-sum-exps (−inf for blocks with no key). Returns the
+    merged output [..., D] and π^ρ [..., G].
+    """
+    mass = dial_mass(log_mass, rho, pinned)
+    out = (mass.unsqueeze(-1) * partial_out.float().nan_to_num()).sum(-2)
+    return out.to(partial_out.dtype), mass
+
+
+def block_onehot(block_ids: Tensor, num_blocks: int) -> Tensor:
+    """[B, Tk] block ids (−1 = no key) → [B, Tk, G] float32 indicator."""
+    valid = block_ids >= 0
+    onehot = torch.nn.functional.one_hot(block_ids.clamp(min=0), num_blocks).float()
+    return onehot * valid.unsqueeze(-1)
+
+
+def localist_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    block_ids: Tensor,
+    rho: Tensor | float,
+    pinned: Tensor,
+    scale: float,
+    key_visible: Tensor | None = None,
+) -> tuple[Tensor, BlockStats]:
+    """One-pass localist attention (SPEC §2) with its block statistics.
+
+    query [B, H, Tq, D]; key/value [B, Hkv, Tk, D] (grouped-query heads are repeated);
+    block_ids [B, Tk] (−1 marks padding); rho [B] or [B, Tq] (or a float); pinned [B, G] bool.
+    Causal: query i sees keys j ≤ Tk − Tq + i, unless ``key_visible`` [B, Tq, Tk] says otherwise.
+    The scores are exponentiated once; block sums come from an indicator matmul and the base
+    weights are re-weighted per block by π^ρ/π⁰, so within-block weights never change.
+    """
+    B, H, Tq, _ = query.shape
+    Tk, G = key.shape[-2], pinned.shape[-1]
+    if key.shape[1] != H:
+        key = key.repeat_interleave(H // key.shape[1], dim=1)
+        value = value.repeat_interleave(H // value.shape[1], dim=1)
+
+    if key_visible is None:
+        causal = torch.ones(Tq, Tk, dtype=torch.bool, device=query.device).tril(Tk - Tq)
+        key_visible = causal.unsqueeze(0) & (block_ids >= 0).unsqueeze(1)
+    visible = key_visible.unsqueeze(1)  # [B, 1, Tq, Tk]
+
+    scores = (torch.matmul(query, key.transpose(-1, -2)).float() * scale).masked_fill(~visible, NEG_INF)
+    row_max = scores.amax(-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
+    weights = torch.exp(scores - row_max)  # exactly 0 where not visible
+    onehot = block_onehot(block_ids, G).unsqueeze(1)  # [B, 1, Tk, G]
+    block_sum = torch.matmul(weights, onehot)  # Σ_{j∈g} e^{s_j − m}
+    weighted_scores = torch.matmul(weights * scores.masked_fill(~visible, 0.0), onehot)
+
+    present = block_sum > 0  # underflowed blocks are excluded, never 0·(−inf)
+    safe_sum = block_sum.clamp(min=torch.finfo(torch.float32).tiny)
+    log_mass = torch.where(present, safe_sum.log() + row_max, NEG_INF)
+    inner_entropy = torch.where(present, safe_sum.log() + row_max - weighted_scores / safe_sum, 0.0)
+
+    rho_t = torch.as_tensor(rho, dtype=torch.float32, device=query.device)
+    if rho_t.dim() == 1:
+        rho_t = rho_t.view(B, 1, 1).expand(B, 1, Tq)
+    elif rho_t.dim() == 2:
+        rho_t = rho_t.view(B, 1, Tq)
+    mass = dial_mass(log_mass, rho_t, pinned.view(B, 1, 1, G))
+
+    reweight = torch.where(present, mass / safe_sum, 0.0)  # per block: π^ρ(g) / Σ_{j∈g} e^{s_j − m}
+    probs = weights * torch.matmul(reweight, onehot.transpose(-1, -2))
+    out = torch.matmul(probs.to(value.dtype), value)
+    return out, BlockStats(log_mass=log_mass, mass=mass, inner_entropy=inner_entropy.clamp(min=0.0))

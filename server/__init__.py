@@ -1,0 +1,1 @@
+"""OpenAI-compatible localist server with an audit store."""
