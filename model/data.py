@@ -1,0 +1,261 @@
+"""Synthetic regulated-domain task data for the default localist model (issue 6).
+
+Every example is a small rulebook (numbered rules on lending, KYC, claims or dosage) or a set of
+case files, plus one question whose answer depends on exactly one of them: the **target** block,
+ground truth for pointer fidelity. Entities are unique within an example and every value (ids,
+thresholds, outcomes, file contents) is drawn afresh, so nothing can be memorised: the model has to
+find the block the question is about and read it. The test split uses rule and file templates that
+training never sees.
+
+Generation is a pure function of (seed, split, index), so any example can be regenerated alone.
+"""
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+
+from localist.model.blocks import BlockTable, Span, table_from_chat
+
+SPLITS = ("train", "validation", "test")
+
+SYSTEM = (
+    "You are a compliance assistant. Use exactly one rule or document, cite its id, "
+    "then give the decision or the value."
+)
+
+# name, (quantity, unit), entities, outcomes above the limit, outcomes at or below it
+DOMAINS = {
+    "lending": ("Lending", ("loan amount", "thousand EUR"),
+                ["mortgage", "car loan", "student loan", "overdraft", "credit line", "consumer loan",
+                 "bridge loan", "home equity loan", "business loan", "microloan"],
+                ["escalate", "reject", "refer"], ["approve", "accept"]),
+    "kyc": ("KYC", ("value", "thousand EUR"),
+            ["cash deposit", "wire transfer", "crypto purchase", "foreign payment", "new account",
+             "securities transfer", "cheque deposit", "trust account"],
+            ["report", "verify", "freeze", "escalate"], ["clear", "accept"]),
+    "claims": ("Claims", ("reporting delay", "days"),
+               ["water damage claim", "theft claim", "fire claim", "storm claim", "windscreen claim",
+                "travel claim", "liability claim", "dental claim"],
+               ["deny", "investigate", "refer"], ["pay", "approve"]),
+    "dosage": ("Dosage", ("daily dose", "mg per kg"),
+               ["amoxicillin", "ibuprofen", "paracetamol", "metformin", "warfarin", "lisinopril",
+                "omeprazole", "sertraline", "codeine", "prednisone"],
+               ["refer", "reduce", "reject"], ["dispense", "approve"]),
+}
+
+# Rule templates: the first four are for training and validation, the rest only appear in test.
+RULE_TEMPLATES = [
+    "[{id}] {area} rule for {entity}: if the {qty} exceeds {thr} {unit}, the decision is {above}; "
+    "otherwise it is {below}.",
+    "[{id}] {Entity} with a {qty} above {thr} {unit}: {above}. At or below {thr} {unit}: {below}.",
+    "[{id}] When a {entity} case has a {qty} over {thr} {unit} the outcome is {above}, and {below} "
+    "in all other cases.",
+    "[{id}] {area}. {Entity}: maximum {qty} {thr} {unit}. Above it: {above}. Otherwise: {below}.",
+    # held out
+    "[{id}] For {entity}, a {qty} higher than {thr} {unit} requires the decision {above}; a lower "
+    "one gets {below}.",
+    "[{id}] {area} limit for {entity} is {thr} {unit} of {qty}. Exceeded: {above}. Not exceeded: {below}.",
+]
+QUESTION_TEMPLATES = [
+    "Case: a {entity} with a {qty} of {val} {unit}. Which rule applies, and what is the decision?",
+    "A new {entity} case arrives; its {qty} is {val} {unit}. Cite the rule and decide.",
+    "Decide this case and name the rule: {entity}, {qty} {val} {unit}.",
+]
+
+FIRST = ["Anna", "Ben", "Clara", "David", "Elena", "Farid", "Greta", "Hugo", "Ines", "Jonas", "Karin",
+         "Luca", "Maria", "Nils", "Olga", "Pavel", "Rosa", "Sami", "Tara", "Viktor", "Wen", "Yusuf"]
+LAST = ["Berg", "Costa", "Dahl", "Engel", "Fischer", "Garcia", "Hansen", "Ivanova", "Jensen", "Klein",
+        "Lopez", "Meyer", "Novak", "Olsen", "Petrov", "Rossi", "Schmidt", "Tanaka", "Weber", "Zimmer"]
+FIELDS = ["credit score", "age", "risk score", "income band", "account age", "open loans",
+          "years employed", "claims filed"]
+DOC_TEMPLATES = [
+    "[{id}] File of {name}. {F1}: {v1}. {F2}: {v2}. {F3}: {v3}.",
+    "[{id}] {name}, record: {f1} {v1}, {f2} {v2}, {f3} {v3}.",
+    "[{id}] Case document for {name}: the {f1} is {v1}, the {f2} is {v2} and the {f3} is {v3}.",
+    # held out
+    "[{id}] {name}. Recorded {f1} = {v1}; {f2} = {v2}; {f3} = {v3}.",
+]
+DOC_QUESTIONS = [
+    "What is the {field} of {name}? Cite the document.",
+    "Look up {name}: what {field} is on file?",
+    "Give the {field} recorded for {name}, with the document id.",
+]
+TRAIN_RULE_TEMPLATES, TEST_RULE_TEMPLATES = range(0, 4), range(4, 6)
+TRAIN_DOC_TEMPLATES, TEST_DOC_TEMPLATES = range(0, 3), range(3, 4)
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """One rule or document: its anchor label, kind, rendering template and structured content."""
+
+    label: str
+    kind: str  # "rule" | "document"
+    template: int
+    fields: dict = field(hash=False)
+
+    @property
+    def text(self) -> str:
+        f = self.fields
+        if self.kind == "rule":
+            area, (qty, unit) = DOMAINS[f["domain"]][0], DOMAINS[f["domain"]][1]
+            return RULE_TEMPLATES[self.template].format(
+                id=self.label, area=area, entity=f["entity"], Entity=f["entity"][0].upper() + f["entity"][1:],
+                qty=qty, unit=unit, thr=f["thr"], above=f["above"], below=f["below"],
+            )
+        names = f["fields"]
+        return DOC_TEMPLATES[self.template].format(
+            id=self.label, name=f["name"], **{f"f{i + 1}": n for i, n in enumerate(names)},
+            **{f"F{i + 1}": n[0].upper() + n[1:] for i, n in enumerate(names)},
+            **{f"v{i + 1}": f["values"][n] for i, n in enumerate(names)},
+        )
+
+
+@dataclass(frozen=True)
+class Case:
+    """What the question asks: which entity (rules) or person (documents), with the case value."""
+
+    family: str  # "rule" | "document"
+    key: str  # the entity or the person's name: it identifies the target block
+    value: int | None = None  # the case's quantity (rules)
+    field: str | None = None  # the asked field (documents)
+
+
+@dataclass(frozen=True)
+class Example:
+    split: str
+    index: int
+    evidence: tuple[Evidence, ...]
+    case: Case
+    question: str
+    target: str  # label of the block the answer must come from
+
+    @property
+    def answer(self) -> str:
+        return solve(self.target_block, self.case)
+
+    @property
+    def target_block(self) -> Evidence:
+        return next(e for e in self.evidence if e.label == self.target)
+
+    def with_evidence(self, label: str, **changes) -> Example:
+        """The same example with one block's structured content changed (for ground-truth checks)."""
+        evidence = tuple(replace(e, fields={**e.fields, **changes}) if e.label == label else e for e in self.evidence)
+        return replace(self, evidence=evidence)
+
+    def messages(self) -> list[dict[str, str]]:
+        """Chat messages: the instruction, then one user turn holding the evidence and the question."""
+        return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": self.user_content()}]
+
+    def user_content(self) -> str:
+        return "".join(e.text + "\n" for e in self.evidence) + self.question
+
+    def spans(self) -> list[Span]:
+        """Character spans of the evidence blocks inside the user message (newline included)."""
+        spans, pos = [], 0
+        for e in self.evidence:
+            end = pos + len(e.text) + 1
+            spans.append(Span(pos, end, e.label, e.kind))
+            pos = end
+        return spans
+
+
+def block_matches(block: Evidence, case: Case) -> bool:
+    """Whether a block is about the case's entity or person (exactly one block per example is)."""
+    key = block.fields["entity"] if block.kind == "rule" else block.fields["name"]
+    return block.kind == case.family and key == case.key
+
+
+def solve(block: Evidence, case: Case) -> str:
+    """The correct answer from the target block alone: ``<id>: <decision or value>``."""
+    if not block_matches(block, case):
+        raise ValueError(f"block {block.label} is not about {case.key!r}")
+    f = block.fields
+    if case.family == "rule":
+        return f"{block.label}: {f['above'] if case.value > f['thr'] else f['below']}"
+    return f"{block.label}: {f['values'][case.field]}"
+
+
+def _templates(split: str, family: str) -> Sequence[int]:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    held_out = split == "test"
+    if family == "rule":
+        return TEST_RULE_TEMPLATES if held_out else TRAIN_RULE_TEMPLATES
+    return TEST_DOC_TEMPLATES if held_out else TRAIN_DOC_TEMPLATES
+
+
+def make_example(seed: int, split: str, index: int, min_blocks: int = 3, max_blocks: int = 8) -> Example:
+    """Example ``index`` of ``split``: a pure function of its arguments."""
+    if not 2 <= min_blocks <= max_blocks:
+        raise ValueError(f"need 2 <= min_blocks <= max_blocks, got {min_blocks}, {max_blocks}")
+    rng = random.Random(f"localist-data:{seed}:{split}:{index}")
+    n = rng.randint(min_blocks, max_blocks)
+    family = "rule" if rng.random() < 0.7 else "document"
+    templates = _templates(split, family)
+    ids = rng.sample(range(1, 100), n)
+    if family == "rule":
+        domains = rng.sample(sorted(DOMAINS), rng.randint(1, 2))
+        pool = [(d, e) for d in domains for e in DOMAINS[d][2]]
+        chosen = rng.sample(pool, min(n, len(pool)))
+        evidence = []
+        for i, (domain, entity) in zip(ids, chosen):
+            _, _, _, above, below = DOMAINS[domain]
+            fields = {"domain": domain, "entity": entity, "thr": rng.randint(15, 90),
+                      "above": rng.choice(above), "below": rng.choice(below)}
+            evidence.append(Evidence(f"R{i}", "rule", rng.choice(templates), fields))
+        target = rng.choice(evidence)
+        thr = target.fields["thr"]
+        value = rng.choice([v for v in range(10, 100) if v != thr])
+        case = Case("rule", target.fields["entity"], value=value)
+        qty, unit = DOMAINS[target.fields["domain"]][1]
+        question = rng.choice(QUESTION_TEMPLATES).format(entity=case.key, qty=qty, val=value, unit=unit)
+    else:
+        names = rng.sample([f"{a} {b}" for a in FIRST for b in LAST], n)
+        fields_asked = rng.sample(FIELDS, 3)
+        evidence = [
+            Evidence(f"D{i}", "document", rng.choice(templates),
+                     {"name": name, "fields": fields_asked, "values": {f: rng.randint(10, 99) for f in fields_asked}})
+            for i, name in zip(ids, names)
+        ]
+        target = rng.choice(evidence)
+        case = Case("document", target.fields["name"], field=rng.choice(fields_asked))
+        question = rng.choice(DOC_QUESTIONS).format(field=case.field, name=case.key)
+    return Example(split, index, tuple(evidence), case, question, target.label)
+
+
+def examples(seed: int, split: str, count: int, start: int = 0, **kwargs) -> Iterator[Example]:
+    for index in range(start, start + count):
+        yield make_example(seed, split, index, **kwargs)
+
+
+def corpus_texts(seed: int, count: int) -> list[str]:
+    """Rendered chats of training examples, with answers, for training the tokenizer."""
+    texts = []
+    for ex in examples(seed, "train", count):
+        texts.append(f"{SYSTEM}\n{ex.user_content()}\n{ex.answer}")
+    return texts
+
+
+@dataclass
+class Encoded:
+    """One tokenised example: prompt blocks, answer tokens and the ground-truth target block."""
+
+    table: BlockTable  # the prompt's blocks (response block = the generation prompt)
+    answer_ids: list[int]  # answer tokens, EOS included
+    target_block: int
+
+    @property
+    def input_ids(self) -> list[int]:
+        return self.table.token_ids + self.answer_ids
+
+    @property
+    def block_ids(self) -> list[int]:
+        return self.table.block_ids() + [self.table.response_id] * len(self.answer_ids)
+
+
+def encode(example: Example, tokenizer) -> Encoded:
+    """Blocks via the product's chat builder (so training sees what serving builds), plus the answer."""
+    table = table_from_chat(tokenizer, example.messages(), spans={1: example.spans()})
+    answer = list(tokenizer(example.answer, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
+    return Encoded(table, answer, table.index(example.target))

@@ -1,0 +1,97 @@
+"""The task generator's ground truth: the answer comes from the target block alone (issue 6)."""
+import pytest
+
+from localist.model.data import (
+    DOMAINS, RULE_TEMPLATES, SPLITS, TEST_DOC_TEMPLATES, TEST_RULE_TEMPLATES, block_matches, corpus_texts,
+    encode, examples, make_example, solve,
+)
+from localist.model.tokenizer import train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(corpus_texts(0, 500), vocab_size=1024)
+
+
+def test_generation_is_a_pure_function_of_seed_split_index():
+    assert make_example(3, "train", 17) == make_example(3, "train", 17)
+    assert make_example(3, "train", 17) != make_example(4, "train", 17)
+    assert make_example(3, "train", 17) != make_example(3, "validation", 17)
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_exactly_one_block_matches_and_it_is_the_target(split):
+    for ex in examples(0, split, 200):
+        matching = [e.label for e in ex.evidence if block_matches(e, ex.case)]
+        assert matching == [ex.target]
+        assert len({e.label for e in ex.evidence}) == len(ex.evidence) >= 3
+        assert ex.answer.startswith(ex.target + ": ")
+
+
+def test_answer_is_read_from_the_target_block_text():
+    for ex in examples(1, "train", 200):
+        text = ex.target_block.text
+        assert text.startswith(f"[{ex.target}]")
+        decision = ex.answer.split(": ", 1)[1]
+        assert decision in text  # the decision word or the file's value is written in the block
+        if ex.case.family == "rule":
+            thr = ex.target_block.fields["thr"]
+            assert str(thr) in text and ex.case.value != thr
+            assert str(ex.case.value) in ex.question
+
+
+def test_answer_changes_with_the_target_block_and_not_with_distractors():
+    changed = 0
+    for ex in examples(2, "train", 100):
+        for other in ex.evidence:
+            if other.label == ex.target:
+                continue
+            edit = {"thr": 99, "above": "freeze", "below": "pay"} if other.kind == "rule" else {"values": {}}
+            assert ex.with_evidence(other.label, **edit).answer == ex.answer
+        if ex.case.family == "rule":
+            f = ex.target_block.fields
+            # move the limit to the other side of the case value: the decision must flip
+            flipped = ex.with_evidence(ex.target, thr=ex.case.value + 1 if ex.case.value > f["thr"] else ex.case.value - 1)
+            if f["above"] != f["below"]:
+                assert flipped.answer != ex.answer
+                changed += 1
+        else:
+            values = dict(ex.target_block.fields["values"])
+            values[ex.case.field] = values[ex.case.field] % 89 + 10  # another two-digit value
+            assert ex.with_evidence(ex.target, values=values).answer != ex.answer
+            changed += 1
+    assert changed == 100
+
+
+def test_solve_refuses_a_block_about_something_else():
+    ex = make_example(0, "train", 5)
+    other = next(e for e in ex.evidence if e.label != ex.target)
+    with pytest.raises(ValueError, match=other.label):
+        solve(other, ex.case)
+
+
+def test_test_split_uses_only_held_out_templates():
+    seen = {"train": set(), "validation": set(), "test": set()}
+    for split in SPLITS:
+        for ex in examples(0, split, 300):
+            seen[split] |= {(e.kind, e.template) for e in ex.evidence}
+    held_out = {("rule", t) for t in TEST_RULE_TEMPLATES} | {("document", t) for t in TEST_DOC_TEMPLATES}
+    assert seen["test"] == held_out
+    assert not (seen["train"] | seen["validation"]) & held_out
+    assert len(RULE_TEMPLATES) == 6 and len(DOMAINS) == 4
+
+
+def test_encoding_puts_each_evidence_block_in_its_own_candidate_block(tok):
+    for ex in examples(0, "test", 20):
+        enc = encode(ex, tok)
+        table = enc.table
+        assert table.blocks[0].kind == "sink" and table.blocks[-1].kind == "response"
+        assert [b.label for b in table.blocks if b.candidate] == [e.label for e in ex.evidence]
+        target = table.blocks[enc.target_block]
+        assert target.label == ex.target
+        assert tok.decode(table.token_ids[target.start:target.end]) == ex.target_block.text + "\n"
+        assert tok.decode(enc.answer_ids, skip_special_tokens=True) == ex.answer
+        assert enc.answer_ids[-1] == tok.eos_token_id
+        assert len(enc.block_ids) == len(enc.input_ids)
+        rendered = tok.apply_chat_template(ex.messages(), tokenize=False, add_generation_prompt=True)
+        assert tok.decode(table.token_ids) == rendered
