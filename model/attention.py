@@ -34,20 +34,22 @@ class BlockStats:
     inner_entropy: Tensor
 
 
-def dial_mass(log_mass: Tensor, rho: Tensor | float, pinned: Tensor) -> Tensor:
+def dial_mass(log_mass: Tensor, rho: Tensor | float, pinned: Tensor, base: Tensor | None = None) -> Tensor:
     """π^ρ over blocks from block log-masses (SPEC §2).
 
     ``log_mass`` [..., G] float32 with −inf for absent blocks; ``rho`` broadcastable to
     ``log_mass[..., 0]``; ``pinned`` bool broadcastable to [..., G]. Pinned blocks keep their base
     mass; the free blocks share the rest with temperature 1 − ρ. ρ = 1 is taken as the limit
-    (argmax, ties split evenly), never as λ = ∞ inside a formula.
+    (argmax, ties split evenly), never as λ = ∞ inside a formula. ``base`` (π⁰, if the caller has
+    it from the same sums) is returned bit for bit where nothing changes: pinned blocks and ρ = 0.
     """
     L = log_mass.float()
     rho = torch.as_tensor(rho, dtype=torch.float32, device=L.device).unsqueeze(-1)
     present = torch.isfinite(L)
     free = present & ~pinned
-    any_present = present.any(-1, keepdim=True)
-    base = torch.where(any_present, torch.softmax(L.masked_fill(~any_present, 0.0), -1), 0.0)
+    if base is None:
+        any_present = present.any(-1, keepdim=True)
+        base = torch.where(any_present, torch.softmax(L.masked_fill(~any_present, 0.0), -1), 0.0)
     base = base.masked_fill(~present, 0.0)
     free_share = (base * free).sum(-1, keepdim=True)  # 1 − m_P
 
@@ -60,7 +62,7 @@ def dial_mass(log_mass: Tensor, rho: Tensor | float, pinned: Tensor) -> Tensor:
     top = free & (L_free == L_free.amax(-1, keepdim=True))
     limit = top.float() / top.sum(-1, keepdim=True).clamp(min=1)
     q = torch.where(at_limit, limit, sharp)
-    return torch.where(free, free_share * q, base)
+    return torch.where(free & (rho > 0), free_share * q, base)
 
 
 def dial_bias(log_mass: Tensor, rho: Tensor | float, pinned: Tensor) -> Tensor:
@@ -104,8 +106,9 @@ def localist_attention(
     query [B, H, Tq, D]; key/value [B, Hkv, Tk, D] (grouped-query heads are repeated);
     block_ids [B, Tk] (−1 marks padding); rho [B] or [B, Tq] (or a float); pinned [B, G] bool.
     Causal: query i sees keys j ≤ Tk − Tq + i, unless ``key_visible`` [B, Tq, Tk] says otherwise.
-    The scores are exponentiated once; block sums come from an indicator matmul and the base
-    weights are re-weighted per block by π^ρ/π⁰, so within-block weights never change.
+    The scores are exponentiated once (the stock softmax); block masses come from an indicator
+    matmul and the stock weights are re-weighted per block by π^ρ/π⁰, so within-block weights
+    never change and ρ = 0 is the stock computation exactly.
     """
     B, H, Tq, _ = query.shape
     Tk, G = key.shape[-2], pinned.shape[-1]
@@ -119,26 +122,30 @@ def localist_attention(
     visible = key_visible.unsqueeze(1)  # [B, 1, Tq, Tk]
 
     scores = (torch.matmul(query, key.transpose(-1, -2)).float() * scale).masked_fill(~visible, NEG_INF)
-    row_max = scores.amax(-1, keepdim=True)
-    row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
-    weights = torch.exp(scores - row_max)  # exactly 0 where not visible
+    base_probs = torch.softmax(scores, -1)  # the stock weights, bit for bit
+    if not bool(visible.any(-1).all()):
+        base_probs = base_probs.nan_to_num(0.0)  # a query with no visible key attends to nothing
+    # log Σ_j e^{s_j} from the largest weight alone (p_max = e^{m − lse}): no second exp pass.
+    tiny = torch.finfo(torch.float32).tiny
+    row_lse = scores.amax(-1, keepdim=True) - base_probs.amax(-1, keepdim=True).clamp(min=tiny).log()
     onehot = block_onehot(block_ids, G).unsqueeze(1)  # [B, 1, Tk, G]
-    block_sum = torch.matmul(weights, onehot)  # Σ_{j∈g} e^{s_j − m}
-    weighted_scores = torch.matmul(weights * scores.masked_fill(~visible, 0.0), onehot)
+    base = torch.matmul(base_probs, onehot)  # π⁰
+    weighted_scores = torch.matmul(base_probs * scores.masked_fill(~visible, 0.0), onehot)
 
-    present = block_sum > 0  # underflowed blocks are excluded, never 0·(−inf)
-    safe_sum = block_sum.clamp(min=torch.finfo(torch.float32).tiny)
-    log_mass = torch.where(present, safe_sum.log() + row_max, NEG_INF)
-    inner_entropy = torch.where(present, safe_sum.log() + row_max - weighted_scores / safe_sum, 0.0)
+    present = base > 0  # underflowed blocks are excluded, never 0·(−inf)
+    safe_base = base.clamp(min=tiny)
+    log_mass = torch.where(present, safe_base.log() + row_lse, NEG_INF)
+    inner_entropy = torch.where(present, log_mass - weighted_scores / safe_base, 0.0)
 
     rho_t = torch.as_tensor(rho, dtype=torch.float32, device=query.device)
     if rho_t.dim() == 1:
         rho_t = rho_t.view(B, 1, 1).expand(B, 1, Tq)
     elif rho_t.dim() == 2:
         rho_t = rho_t.view(B, 1, Tq)
-    mass = dial_mass(log_mass, rho_t, pinned.view(B, 1, 1, G))
+    mass = dial_mass(log_mass, rho_t, pinned.view(B, 1, 1, G), base)
 
-    reweight = torch.where(present, mass / safe_sum, 0.0)  # per block: π^ρ(g) / Σ_{j∈g} e^{s_j − m}
-    probs = weights * torch.matmul(reweight, onehot.transpose(-1, -2))
+    # Per block π^ρ/π⁰: exactly 1 at ρ = 0 and for pinned blocks, so those rows stay stock softmax.
+    ratio = torch.where(present, mass / safe_base, 0.0)
+    probs = base_probs * torch.matmul(ratio, onehot.transpose(-1, -2))
     out = torch.matmul(probs.to(value.dtype), value)
     return out, BlockStats(log_mass=log_mass, mass=mass, inner_entropy=inner_entropy.clamp(min=0.0))

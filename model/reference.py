@@ -41,12 +41,13 @@ class LocalistBatch:
         cls, tables: Sequence[BlockTable], rho: Sequence[Sequence[float]], length: int | None = None
     ) -> LocalistBatch:
         """Right-padded batch of block layouts; positions past a prompt belong to its response block."""
-        length = length or max(len(t.block_ids()) for t in tables)
+        length = length or max(len(t.token_ids) for t in tables)
         G = max(t.num_blocks for t in tables)
         block_ids = torch.full((len(tables), length), -1, dtype=torch.long)
         pinned = torch.zeros(len(tables), G, dtype=torch.bool)
         for row, table in enumerate(tables):
             ids = table.block_ids()
+            ids += [table.response_id] * (len(table.token_ids) - len(ids))
             block_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             pinned[row, : table.num_blocks] = torch.tensor(table.pinned())
         return cls(block_ids, pinned, torch.tensor(rho, dtype=torch.float32))
