@@ -4,7 +4,7 @@ VENV  ?= .venv
 EXTRA ?= cpu
 PY    := $(VENV)/bin/python
 
-.PHONY: setup run test
+.PHONY: setup system-deps run test
 setup: $(VENV)/.installed-$(EXTRA)
 
 $(VENV)/.installed-$(EXTRA): pyproject.toml
@@ -14,8 +14,14 @@ $(VENV)/.installed-$(EXTRA): pyproject.toml
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
 	touch $@
 
+# Headless Chromium renders the HTML audit report in the tests (Debian package; root installs it).
+system-deps:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		echo "chromium missing and cannot be installed: the report screenshot test will fail"
+
 run: setup
 	$(VENV)/bin/localist serve
 
-test: setup
+test: setup system-deps
 	$(PY) -m pytest -q tests
