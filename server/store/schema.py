@@ -1,0 +1,94 @@
+"""Tables of the audit store (the query side; migrations/ creates them, a test checks they agree).
+
+The chain lives in ``audit_records`` (hashes plus the indexed fields the filters need); payloads live
+apart in ``audit_payloads`` so that erasing one leaves every hash, and so the chain, intact.
+"""
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData()
+
+# INTEGER PRIMARY KEY is SQLite's rowid alias: the cheapest key there; BIGINT elsewhere.
+SeqType = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+GENESIS_HASH = "0" * 64
+
+audit_records = sa.Table(
+    "audit_records",
+    metadata,
+    sa.Column("seq", SeqType, primary_key=True, autoincrement=False),
+    sa.Column("record_id", sa.String(64), nullable=False, unique=True),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("tenant", sa.String(128), nullable=False),
+    sa.Column("created_us", sa.BigInteger(), nullable=False),
+    sa.Column("status", sa.String(16), nullable=True),
+    sa.Column("model", sa.String(256), nullable=True),
+    sa.Column("rho_min", sa.Float(), nullable=True),
+    sa.Column("rho_max", sa.Float(), nullable=True),
+    sa.Column("fidelity", sa.Float(), nullable=True),
+    sa.Column("payload_hash", sa.String(64), nullable=False),
+    sa.Column("content_hash", sa.String(64), nullable=False),
+    sa.Column("prev_hash", sa.String(64), nullable=False),
+    sa.Column("chain_hash", sa.String(64), nullable=False),
+    sa.Index("ix_audit_records_tenant_seq", "tenant", "seq"),
+    sa.Index("ix_audit_records_kind", "kind"),
+    sa.Index("ix_audit_records_created_us", "created_us"),
+    sa.Index("ix_audit_records_status", "status"),
+    sa.Index("ix_audit_records_model", "model"),
+    sa.Index("ix_audit_records_rho_min", "rho_min"),
+    sa.Index("ix_audit_records_rho_max", "rho_max"),
+    sa.Index("ix_audit_records_fidelity", "fidelity"),
+)
+
+audit_payloads = sa.Table(
+    "audit_payloads",
+    metadata,
+    sa.Column("seq", SeqType, sa.ForeignKey("audit_records.seq"), primary_key=True, autoincrement=False),
+    sa.Column("body", sa.Text(), nullable=False),
+)
+
+audit_record_blocks = sa.Table(
+    "audit_record_blocks",
+    metadata,
+    sa.Column("seq", SeqType, sa.ForeignKey("audit_records.seq"), primary_key=True, autoincrement=False),
+    sa.Column("label", sa.String(256), primary_key=True),
+    sa.Index("ix_audit_record_blocks_label_seq", "label", "seq"),
+)
+
+# One row (id = 1): locking it serialises appends across threads, processes and replicas.
+chain_head = sa.Table(
+    "chain_head",
+    metadata,
+    sa.Column("id", sa.Integer(), primary_key=True, autoincrement=False),
+    sa.Column("seq", sa.BigInteger(), nullable=False),
+    sa.Column("chain_hash", sa.String(64), nullable=False),
+    sa.Column("created_us", sa.BigInteger(), nullable=False),
+)
+
+chain_signatures = sa.Table(
+    "chain_signatures",
+    metadata,
+    sa.Column("id", sa.Integer(), primary_key=True, autoincrement=True),
+    sa.Column("seq", sa.BigInteger(), nullable=False),
+    sa.Column("chain_hash", sa.String(64), nullable=False),
+    sa.Column("signed_us", sa.BigInteger(), nullable=False),
+    sa.Column("key_id", sa.String(32), nullable=False),
+    sa.Column("signature", sa.String(128), nullable=False),
+    sa.Index("ix_chain_signatures_seq", "seq"),
+)
+
+api_keys = sa.Table(
+    "api_keys",
+    metadata,
+    sa.Column("key_id", sa.String(32), primary_key=True),
+    sa.Column("token_hash", sa.String(64), nullable=False),
+    sa.Column("tenant", sa.String(128), nullable=False),
+    sa.Column("name", sa.String(256), nullable=False),
+    sa.Column("admin", sa.Boolean(), nullable=False),
+    sa.Column("created_us", sa.BigInteger(), nullable=False),
+    sa.Column("revoked_us", sa.BigInteger(), nullable=True),
+    sa.Column("rate_limit_per_min", sa.Integer(), nullable=True),
+    sa.Column("max_concurrency", sa.Integer(), nullable=True),
+    sa.Index("ix_api_keys_tenant", "tenant"),
+)
