@@ -1,1 +1,23 @@
-"""Clients for the localist server: typed Python client and the `localist` CLI."""
+"""Clients for the localist server: typed Python client (sync and async) and the `localist` CLI.
+
+Needs only httpx and pydantic, so ``pip install localist`` (no extra) is enough to talk to a server.
+"""
+from .client import AsyncClient, AsyncStream, Client, Stream, StreamDelta
+from .errors import (
+    APIConnectionError,
+    APIError,
+    AuthenticationError,
+    BadRequestError,
+    LocalistError,
+    NotFoundError,
+    PermissionDeniedError,
+    RateLimitError,
+    ServerError,
+)
+from .models import BlockSpec
+
+__all__ = [
+    "APIConnectionError", "APIError", "AsyncClient", "AsyncStream", "AuthenticationError", "BadRequestError",
+    "BlockSpec", "Client", "LocalistError", "NotFoundError", "PermissionDeniedError", "RateLimitError",
+    "ServerError", "Stream", "StreamDelta",
+]

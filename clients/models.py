@@ -1,0 +1,367 @@
+"""Typed results of the localist server, mirrored for a client that cannot import the server.
+
+The server's wire models (``localist.server.schemas``, and ``openapi.yaml`` generated from them) are
+the single source of truth; these classes repeat their field names, types and required-ness so that a
+client install needs only httpx + pydantic. ``tests/test_client_models.py`` compares every class here
+with both sources, so a field that changes there and not here fails the suite.
+
+Unlike the server, the client accepts unknown fields (``extra="allow"``): a newer server may add a
+field without breaking an older client.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+AuditLevel = Literal["summary", "per_token", "per_layer"]
+Preset = Literal["distributed", "balanced", "localist"]
+RecordStatus = Literal["completed", "aborted", "failed"]
+FinishReason = Literal["stop", "length", "abort"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class ErrorBody(_Model):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(_Model):
+    error: ErrorBody
+
+
+# --------------------------------------------------------------------------- request helper
+
+
+class BlockSpec(_Model):
+    """A labelled rule/document for ``blocks=``: give ``text``, or a character span ``start``/``end``
+    (with ``message`` for chat). Plain dicts are accepted too; this class only checks them early."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    label: str = Field(min_length=1, max_length=128)
+    kind: str = Field("document", min_length=1, max_length=32)
+    text: str | None = None
+    message: int | None = Field(None, ge=0)
+    start: int | None = Field(None, ge=0)
+    end: int | None = Field(None, ge=0)
+    pinned: bool = False
+    evidence: bool = False
+
+
+# --------------------------------------------------------------------------- the `localist` object
+
+
+class Dial(_Model):
+    rho: list[float]
+    preset: str | None = None
+
+
+class BlockInfo(_Model):
+    id: int
+    label: str
+    kind: str
+    start: int
+    end: int
+    pinned: bool
+    candidate: bool
+
+
+class Entropy(_Model):
+    total_nats: float
+    total_bits: float
+    block_nats: float
+    block_bits: float
+
+
+class Theory(_Model):
+    """SPEC §4: the threshold and bounds next to what was measured."""
+
+    epsilon: float
+    num_heads_scored: int
+    lambda_star_median: float | None
+    lambda_star_p90: float | None
+    rho_star_median: float | None
+    rho_star_p90: float | None
+    wrong_block_share: float | None
+    target_not_top: bool | None
+    fidelity_measured: float | None
+    fidelity_predicted: float | None
+    fidelity_bound: float | None
+    fidelity_max_abs_error: float | None
+    bound_held_fidelity: float | None
+    entropy_measured_nats: float | None
+    entropy_bound_nats: float | None
+    bound_held_entropy: float | None
+
+
+class TokenMetrics(_Model):
+    index: int
+    token_id: int
+    text: str
+    attribution: list[float]
+    entropy_nats: float
+    block_entropy_nats: float
+    pointer_fidelity: float | None
+    layers: list[list[list[float]]] | None = None
+
+
+class ResponseMetrics(_Model):
+    index: int
+    num_tokens: int
+    target_block: int | None
+    target_source: Literal["request", "argmax"] | None
+    attribution: list[float]
+    sink_mass: float
+    entropy: Entropy
+    pointer_fidelity: float | None
+    theory: Theory
+    tokens: list[TokenMetrics] | None = None
+
+
+class LocalistResult(_Model):
+    audit_id: str
+    audit: AuditLevel
+    locality: Dial
+    blocks: list[BlockInfo]
+    choices: list[ResponseMetrics]
+
+
+class TokenAttribution(_Model):
+    index: int
+    token_id: int
+    attribution: list[float]
+    pointer_fidelity: float | None
+
+
+class LocalistDelta(_Model):
+    tokens: list[TokenAttribution]
+
+
+# --------------------------------------------------------------------------- OpenAI responses
+
+
+class Usage(_Model):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class TopLogprob(_Model):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(_Model):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(_Model):
+    content: list[TokenLogprob] | None
+
+
+class AssistantMessage(_Model):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+
+
+class ChatChoice(_Model):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: FinishReason | None
+
+
+class ChatCompletionResponse(_Model):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[ChatChoice]
+    usage: Usage
+    localist: LocalistResult
+
+    @property
+    def text(self) -> str:
+        """The first choice's text, the common case."""
+        return self.choices[0].message.content or ""
+
+
+class ChatDelta(_Model):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(_Model):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: FinishReason | None = None
+    localist: LocalistDelta | None = None
+
+
+class ChatCompletionChunk(_Model):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+    localist: LocalistResult | None = None
+
+
+class CompletionLogprobs(_Model):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float]] | None
+    text_offset: list[int]
+
+
+class CompletionChoice(_Model):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: FinishReason | None
+    localist: LocalistDelta | None = None
+
+
+class CompletionResponse(_Model):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[CompletionChoice]
+    usage: Usage | None
+    localist: LocalistResult | None
+
+    @property
+    def text(self) -> str:
+        return self.choices[0].text
+
+
+# --------------------------------------------------------------------------- models, health
+
+
+class ModelInfo(_Model):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    num_layers: int
+    num_heads: int
+    max_model_len: int
+    weights_sha256: str
+    stand_in: bool
+
+
+class ModelList(_Model):
+    object: Literal["list"] = "list"
+    data: list[ModelInfo]
+
+
+class Health(_Model):
+    status: Literal["ok", "degraded"]
+    model: str
+    engine: Literal["running", "dead"]
+    audit_store: Literal["ok", "error"]
+    dev_mode: bool
+
+
+# --------------------------------------------------------------------------- audit
+
+
+class RecordHashes(_Model):
+    payload: str
+    content: str
+    prev: str
+    chain: str
+
+
+class AuditSummary(_Model):
+    """One record's header as listed: kind is request | key | redaction | retention."""
+
+    id: str
+    seq: int
+    kind: str
+    tenant: str
+    created_us: int
+    created_at: str
+    status: RecordStatus | None
+    model: str | None
+    rho_min: float | None
+    rho_max: float | None
+    fidelity: float | None
+    blocks: list[str]
+    redacted: bool
+    hashes: RecordHashes
+
+
+class AuditRecord(AuditSummary):
+    """A full record: request, output, metrics (the returned ``localist`` object), replay info.
+    Payload fields are None once redacted."""
+
+    request: dict[str, Any] | None = None
+    output: dict[str, Any] | None = None
+    metrics: dict[str, Any] | None = None
+    error: str | None = None
+    timestamps: dict[str, float | None] | None = None
+    replay: dict[str, Any] | None = None
+
+    def localist(self) -> LocalistResult | None:
+        """The stored ``localist`` object, typed (None for a failed or redacted record)."""
+        return LocalistResult.model_validate(self.metrics) if self.metrics else None
+
+
+class AuditList(_Model):
+    object: Literal["list"] = "list"
+    data: list[AuditSummary]
+    has_more: bool
+    next_cursor: str | None
+
+
+class BrokenLink(_Model):
+    seq: int
+    record_id: str | None
+    reason: str
+
+
+class VerifyResult(_Model):
+    ok: bool
+    checked: int
+    head_seq: int
+    head_hash: str
+    first_broken: BrokenLink | None
+    signed_seq: int | None
+    signatures_valid: int
+    signatures_untrusted: int
+    redacted: int
+
+
+class AuditReport(_Model):
+    record: AuditRecord
+    verification: VerifyResult
+
+
+# Every class the drift test compares with the server's models, by the server's name.
+WIRE_MODELS: tuple[type[BaseModel], ...] = (
+    ErrorBody, ErrorResponse, BlockSpec, Dial, BlockInfo, Entropy, Theory, TokenMetrics, ResponseMetrics,
+    LocalistResult, TokenAttribution, LocalistDelta, Usage, TopLogprob, TokenLogprob, ChatLogprobs,
+    AssistantMessage, ChatChoice, ChatCompletionResponse, ChatDelta, ChatChunkChoice, ChatCompletionChunk,
+    CompletionLogprobs, CompletionChoice, CompletionResponse, ModelInfo, ModelList, Health, RecordHashes,
+    AuditSummary, AuditRecord, AuditList, BrokenLink, VerifyResult, AuditReport,
+)
