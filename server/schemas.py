@@ -158,19 +158,23 @@ class Entropy(_Response):
 
 
 class Theory(_Response):
-    """SPEC §4 next to what was measured."""
+    """SPEC §4 next to what was measured (``localist.model.theory.TheoryReport``)."""
 
     epsilon: float
+    num_heads_scored: int = Field(description="(token, layer, head) with ≥ 2 candidates and candidate mass.")
     lambda_star_median: float | None = Field(description="Candidate-mass-weighted median of λ*(ε) over heads with δ > 0.")
     lambda_star_p90: float | None
     rho_star_median: float | None = Field(description="λ*/(1+λ*) of the median.")
+    rho_star_p90: float | None
     wrong_block_share: float | None = Field(description="Candidate-mass share of (token, layer, head) with δ ≤ 0.")
     target_not_top: bool | None = Field(description="The requested target is not the top candidate block.")
-    fidelity_bound: float | None = Field(description="Mean lower bound on pointer fidelity.")
     fidelity_measured: float | None
-    entropy_bound_nats: float | None = Field(description="Mean upper bound on candidate-part entropy.")
+    fidelity_predicted: float | None = Field(description="Exact fidelity from the block margins (SPEC §4).")
+    fidelity_bound: float | None = Field(description="Candidate-mass-weighted lower bound on pointer fidelity.")
+    fidelity_max_abs_error: float | None
+    bound_held_fidelity: float | None = Field(description="Fraction of scored heads where the bound held (1.0).")
     entropy_measured_nats: float | None
-    bound_held_fidelity: float | None = Field(description="Fraction of (token, layer, head) where the bound held.")
+    entropy_bound_nats: float | None = Field(description="Mean upper bound on candidate-part entropy.")
     bound_held_entropy: float | None
 
 
@@ -356,33 +360,47 @@ class Health(_Response):
 # --------------------------------------------------------------------------- audit
 
 
+class RecordHashes(_Response):
+    payload: str = Field(description="SHA-256 of the payload (request, output, metrics, replay).")
+    content: str = Field(description="SHA-256 over the indexed fields and the payload hash.")
+    prev: str = Field(description="Chain hash of the previous record.")
+    chain: str = Field(description="SHA-256 binding (seq, prev, content).")
+
+
 class AuditSummary(_Response):
-    """One audit record as listed (no payload)."""
+    """One audit record's header, as listed (hashes and indexed fields)."""
+
+    model_config = ConfigDict(extra="allow")
 
     id: str
     seq: int
-    created_at: str
+    kind: str = Field(description="request | key | redaction | retention")
     tenant: str
-    status: RecordStatus
-    endpoint: str
-    model: str
-    rho_mean: float | None
-    pointer_fidelity: float | None
-    target_block: int | None
-    redacted: bool
+    created_us: int
+    created_at: str
+    status: RecordStatus | None
+    model: str | None
+    rho_min: float | None
+    rho_max: float | None
+    fidelity: float | None = Field(description="Response-level pointer fidelity (choice 0).")
+    blocks: list[str] = Field(description="Labels of the request's blocks.")
+    redacted: bool = Field(description="The payload was erased (the chain stays valid).")
+    hashes: RecordHashes
 
 
 class AuditRecord(AuditSummary):
-    """A full audit record: what was asked, what came out, the metrics, and how to replay it."""
+    """A full audit record: what was asked, what came out, the metrics, and how to replay it.
 
-    request: dict[str, Any] | None = Field(description="The request as received (null once redacted).")
-    response: dict[str, Any] | None = Field(description="Output text, finish reasons, usage (null once redacted).")
-    localist: dict[str, Any] | None = Field(description="The `localist` object returned (metrics, blocks, dial).")
-    replay: dict[str, Any] = Field(description="Prompt token ids, block token spans, seed, sampling params, "
-                                   "weights/tokenizer/chat-template hashes, software versions.")
+    Payload fields are null once redacted."""
+
+    request: dict[str, Any] | None = Field(None, description="Model, weights hash, dial, blocks, sampling params, "
+                                           "messages/prompt as received.")
+    output: dict[str, Any] | None = Field(None, description="Per choice: text, token ids, finish reason; usage.")
+    metrics: dict[str, Any] | None = Field(None, description="The `localist` object returned to the caller.")
     error: str | None = None
-    content_hash: str
-    prev_hash: str
+    timestamps: dict[str, float | None] | None = None
+    replay: dict[str, Any] | None = Field(None, description="Prompt token ids, block token spans, seed, tokenizer "
+                                          "and chat-template hashes, software versions.")
 
 
 class AuditList(_Response):
@@ -394,15 +412,20 @@ class AuditList(_Response):
 
 class BrokenLink(_Response):
     seq: int
-    id: str | None
+    record_id: str | None
     reason: str
 
 
 class VerifyResult(_Response):
     ok: bool
-    checked: int = Field(description="Records checked.")
+    checked: int = Field(description="Records whose links were checked.")
+    head_seq: int
+    head_hash: str
     first_broken: BrokenLink | None
-    signatures: dict[str, Any] = Field(description="Signed chain heads checked and their outcome.")
+    signed_seq: int | None = Field(description="Highest seq covered by a valid trusted signature.")
+    signatures_valid: int
+    signatures_untrusted: int
+    redacted: int
 
 
 class AuditReport(_Response):

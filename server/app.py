@@ -1,0 +1,127 @@
+"""The app factory: FastAPI front, vLLM engine and audit store in one process.
+
+``create_app(settings)`` builds the app without starting anything (so ``app.openapi()`` works
+anywhere); the lifespan starts the engine, opens the store and decides dev mode.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from localist.model.blocks import MAX_BLOCKS
+from localist.server import errors
+from localist.server.auth import Limiter
+from localist.server.observability import Metrics, RequestIdMiddleware
+from localist.server.routers import audit, ops, openai_api
+
+log = logging.getLogger("localist.server")
+
+DESCRIPTION = (
+    "OpenAI-compatible inference with a per-request locality dial. Generation requests accept the "
+    "extension fields `locality`, `blocks`, `target_block` and `audit`; responses carry a `localist` "
+    "object (block attribution, attention entropy, pointer fidelity, theory bounds, `audit_id`). "
+    "Every request is stored in a hash-chained, signed audit log."
+)
+
+
+@dataclass
+class Settings:
+    model_dir: Path
+    model_name: str
+    db_url: str
+    signing_key: Path | None = None
+    checkpoint_log: Path | None = None
+    sign_interval_s: float = 60.0
+    stand_in: bool = False
+    max_model_len: int = 2048
+    default_rho: float = 0.0
+    max_blocks: int = MAX_BLOCKS
+    admin_token: str | None = None  # imported as an admin key at start-up (LOCALIST_ADMIN_KEY)
+    seed: int = 0
+
+
+def _open_store(settings: Settings):
+    from localist.server.store import AuditStore
+
+    return AuditStore(
+        settings.db_url,
+        signing_key_path=settings.signing_key,
+        create_signing_key=settings.signing_key is not None,
+        checkpoint_log=settings.checkpoint_log,
+        sign_interval_s=settings.sign_interval_s if settings.signing_key is not None else None,
+    )
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI):
+    from localist.server.engine import Engine, EngineConfig
+
+    settings: Settings = app.state.settings
+    store = _open_store(settings)
+    app.state.store = store
+    if settings.admin_token:
+        await store.acreate_key(tenant="admin", name="bootstrap admin (LOCALIST_ADMIN_KEY)", admin=True,
+                                token=settings.admin_token, actor="startup")
+    active = await store.alist_keys(include_revoked=False)
+    app.state.dev_mode = not active
+    if app.state.dev_mode:
+        log.warning("=" * 78)
+        log.warning("LOCAL DEV MODE: no API key is configured. Every caller is the admin of tenant "
+                    "'default'. Create keys with `localist keys create` to turn authentication on.")
+        log.warning("=" * 78)
+    engine = Engine(EngineConfig(settings.model_dir, settings.model_name, settings.max_model_len,
+                                 settings.stand_in, settings.seed))
+    engine.start()
+    app.state.engine = engine
+    if settings.stand_in:
+        log.warning("SERVING AN UNTRAINED STAND-IN MODEL (%s): random weights, outputs are noise.",
+                    settings.model_dir)
+    try:
+        yield
+    finally:
+        await openai_api.drain(app)
+        engine.shutdown()
+        store.close()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    app = FastAPI(title="localist", version="0.1.0", description=DESCRIPTION,
+                  lifespan=lifespan if settings is not None else None)
+    app.state.settings = settings
+    app.state.metrics = Metrics()
+    app.state.limiter = Limiter()
+    app.state.dev_mode = False
+    app.state.background = set()
+    errors.install(app)
+    app.add_middleware(RequestIdMiddleware, metrics=app.state.metrics)
+    app.include_router(openai_api.router)
+    app.include_router(audit.router)
+    app.include_router(ops.router)
+    return app
+
+
+def settings_from_env() -> Settings:
+    """For ``uvicorn --factory localist.server.app:app_from_env`` (the CLI sets these)."""
+    env = os.environ
+    return Settings(
+        model_dir=Path(env["LOCALIST_MODEL_DIR"]),
+        model_name=env.get("LOCALIST_MODEL_NAME") or Path(env["LOCALIST_MODEL_DIR"]).name,
+        db_url=env["LOCALIST_DB_URL"],
+        signing_key=Path(env["LOCALIST_SIGNING_KEY"]) if env.get("LOCALIST_SIGNING_KEY") else None,
+        checkpoint_log=Path(env["LOCALIST_CHECKPOINT_LOG"]) if env.get("LOCALIST_CHECKPOINT_LOG") else None,
+        sign_interval_s=float(env.get("LOCALIST_SIGN_INTERVAL_S", "60")),
+        stand_in=env.get("LOCALIST_STAND_IN") == "1",
+        max_model_len=int(env.get("LOCALIST_MAX_MODEL_LEN", "2048")),
+        default_rho=float(env.get("LOCALIST_DEFAULT_RHO", "0")),
+        max_blocks=int(env.get("LOCALIST_MAX_BLOCKS", str(MAX_BLOCKS))),
+        admin_token=env.get("LOCALIST_ADMIN_KEY") or None,
+    )
+
+
+def app_from_env() -> FastAPI:
+    return create_app(settings_from_env())

@@ -1,0 +1,183 @@
+"""`localist serve` and `localist keys create|list|revoke` (added to the console script by add_commands)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+SHIPPED_MODEL = "localist-tiny"
+log = logging.getLogger("localist.server")
+
+
+def data_dir() -> Path:
+    """Where the audit database, signing key and generated stand-in model live by default."""
+    return Path(os.environ.get("LOCALIST_HOME") or Path.home() / ".local" / "share" / "localist")
+
+
+def default_db_url() -> str:
+    return os.environ.get("LOCALIST_DB_URL") or f"sqlite:///{data_dir() / 'audit.db'}"
+
+
+def shipped_model_dir() -> Path | None:
+    """``models/localist-tiny`` of the repository (or of the working directory), when it exists."""
+    repo = Path(__file__).resolve().parents[1]
+    for base in (Path.cwd(), repo):
+        candidate = base / "models" / SHIPPED_MODEL
+        if (candidate / "config.json").exists():
+            return candidate
+    return None
+
+
+def stand_in_model() -> Path:
+    """A tiny random model generated once into the data dir, for when no trained model is shipped."""
+    from localist.model.tiny import make_tiny_checkpoint
+
+    path = data_dir() / "stand-in" / SHIPPED_MODEL
+    if not (path / "config.json").exists():
+        make_tiny_checkpoint(path)
+    return path
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from localist.server.app import Settings, create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stand_in = False
+    if args.model:
+        model_dir = Path(args.model)
+        if not (model_dir / "config.json").exists():
+            print(f"localist serve: --model {model_dir}: no config.json there (not a model directory)", file=sys.stderr)
+            return 2
+    else:
+        model_dir = shipped_model_dir()
+        if model_dir is None:
+            model_dir, stand_in = stand_in_model(), True
+            banner = "!" * 78
+            print(f"{banner}\n  NO TRAINED MODEL SHIPPED YET (models/{SHIPPED_MODEL} is missing).\n"
+                  f"  Serving an UNTRAINED, RANDOM stand-in generated at {model_dir}.\n"
+                  f"  Its outputs are noise; the API, metrics and audit work as with a real model.\n{banner}",
+                  file=sys.stderr, flush=True)
+    name = args.name or model_dir.name
+    signing_key = None if args.no_signing else Path(args.signing_key or data_dir() / "signing-key.pem")
+    settings = Settings(
+        model_dir=model_dir, model_name=name, db_url=args.db or default_db_url(), signing_key=signing_key,
+        checkpoint_log=signing_key.with_suffix(".checkpoints.jsonl") if signing_key else None,
+        sign_interval_s=args.sign_interval, stand_in=stand_in, max_model_len=args.max_model_len,
+        default_rho=args.default_rho, max_blocks=args.max_blocks,
+        admin_token=os.environ.get("LOCALIST_ADMIN_KEY") or None,
+    )
+    base = f"http://{args.host}:{args.port}"
+    print(f"\nlocalist: serving {name!r} on {base}  (OpenAI base URL {base}/v1)\n"
+          f"  curl {base}/v1/chat/completions -H 'Content-Type: application/json' -H 'Authorization: Bearer dev' \\\n"
+          f"    -d '{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}], "
+          f"\"locality\": \"balanced\", \"max_tokens\": 16}}'\n"
+          f"  python: OpenAI(base_url=\"{base}/v1\", api_key=...).chat.completions.create(model=\"{name}\", "
+          f"messages=[...], extra_body={{\"locality\": 0.5}})\n"
+          f"  audit: {base}/v1/audit  ·  report: {base}/v1/audit/<audit_id>/report?format=html  ·  "
+          f"metrics: {base}/metrics\n", flush=True)
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=10)
+    return 0
+
+
+def _store(args: argparse.Namespace):
+    from localist.server.store import AuditStore
+
+    return AuditStore(args.db or default_db_url())
+
+
+def _keys_create(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        token, key = store.create_key(tenant=args.tenant, name=args.name or f"{args.tenant} key", admin=args.admin,
+                                      rate_limit_per_min=args.rate_limit, max_concurrency=args.max_concurrency,
+                                      actor="cli")
+    if args.json:
+        print(json.dumps({"token": token, **key.to_dict()}))
+    else:
+        print(f"key {key.key_id} for tenant {key.tenant}{' (admin)' if key.admin else ''} created.\n"
+              f"token (shown once, stored only as a hash): {token}")
+    return 0
+
+
+def _keys_list(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        keys = store.list_keys(include_revoked=args.all)
+    if args.json:
+        print(json.dumps([k.to_dict() for k in keys]))
+        return 0
+    print(f"{'key id':18} {'tenant':16} {'admin':6} {'rate/min':9} {'concurrency':12} {'state':8} name")
+    for k in keys:
+        print(f"{k.key_id:18} {k.tenant:16} {'yes' if k.admin else '':6} {str(k.rate_limit_per_min or '-'):9} "
+              f"{str(k.max_concurrency or '-'):12} {'active' if k.active else 'revoked':8} {k.name}")
+    return 0
+
+
+def _keys_revoke(args: argparse.Namespace) -> int:
+    from localist.server.store import NotFound
+
+    with _store(args) as store:
+        try:
+            key = store.revoke_key(args.key_id, actor="cli")
+        except NotFound as exc:
+            print(f"localist keys revoke: {exc}", file=sys.stderr)
+            return 1
+    print(f"key {key.key_id} (tenant {key.tenant}) revoked.")
+    return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _unit(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
+    return value
+
+
+def add_commands(subparsers) -> None:
+    serve = subparsers.add_parser("serve", help="run the OpenAI-compatible localist server")
+    serve.add_argument("--model", help=f"model directory (default: models/{SHIPPED_MODEL}, or a generated "
+                       "untrained stand-in while none is shipped)")
+    serve.add_argument("--name", help="served model name (default: the directory's name)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--db", help="audit store URL: sqlite:///path.db or postgresql://… "
+                       "(default: $LOCALIST_DB_URL or sqlite under $LOCALIST_HOME)")
+    serve.add_argument("--signing-key", help="Ed25519 key that signs the chain head (kept outside the database; "
+                       "created if missing)")
+    serve.add_argument("--no-signing", action="store_true", help="do not sign the chain head")
+    serve.add_argument("--sign-interval", type=float, default=60.0, help="seconds between head signatures")
+    serve.add_argument("--max-model-len", type=_positive, default=2048)
+    serve.add_argument("--default-rho", type=_unit, default=0.0, help="dial for requests that give none")
+    serve.add_argument("--max-blocks", type=_positive, default=64)
+    serve.add_argument("--log-level", default="info")
+    serve.set_defaults(func=_serve)
+
+    keys = subparsers.add_parser("keys", help="manage API keys (stored hashed in the audit store)")
+    keys_sub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    create = keys_sub.add_parser("create", help="create a key and print its token once")
+    create.add_argument("--tenant", required=True)
+    create.add_argument("--name")
+    create.add_argument("--admin", action="store_true", help="may manage keys and read every tenant's records")
+    create.add_argument("--rate-limit", type=_positive, help="requests per minute")
+    create.add_argument("--max-concurrency", type=_positive, help="concurrent generations")
+    create.set_defaults(func=_keys_create)
+    listing = keys_sub.add_parser("list", help="list keys (never their tokens)")
+    listing.add_argument("--all", action="store_true", help="include revoked keys")
+    listing.set_defaults(func=_keys_list)
+    revoke = keys_sub.add_parser("revoke", help="revoke a key by its id")
+    revoke.add_argument("key_id")
+    revoke.set_defaults(func=_keys_revoke)
+    for p in (create, listing, revoke):
+        p.add_argument("--db", help="audit store URL (default: $LOCALIST_DB_URL or sqlite under $LOCALIST_HOME)")
+        p.add_argument("--json", action="store_true", help="machine-readable output")

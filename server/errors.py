@@ -1,0 +1,98 @@
+"""OpenAI-shaped errors: ``{"error": {"message", "type", "param", "code"}}`` with the field named.
+
+Every 4xx the server sends goes through :class:`ApiError`, including pydantic validation errors and
+malformed JSON, so a client can always read ``error.param`` to find the offending field.
+"""
+from __future__ import annotations
+
+import json
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from localist.model.blocks import BlockError
+
+log = logging.getLogger("localist.server")
+
+_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+    405: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
+    415: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
+}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+
+    @classmethod
+    def from_block_error(cls, exc: BlockError) -> ApiError:
+        return cls(400, str(exc), exc.field, "invalid_value")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": _TYPES.get(self.status, "server_error"),
+                          "param": self.param, "code": self.code}}
+
+
+def _loc_to_param(loc: tuple) -> str | None:
+    """('body', 'messages', 0, 'content') → 'messages[0].content'; pydantic's union tags are dropped."""
+    parts = list(loc[1:]) if loc and loc[0] in ("body", "query", "path", "header") else list(loc)
+    out = ""
+    for p in parts:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        elif isinstance(p, str) and (p[:1].islower() or p.startswith("_")) and "[" not in p and "-" not in p:
+            out += ("." if out else "") + p
+        # other strings are union member tags such as 'list[float]' or 'function-after[...]'
+    return out or None
+
+
+def _error_response(err: ApiError, request: Request) -> JSONResponse:
+    headers = dict(err.headers or {})
+    rid = getattr(request.state, "request_id", None)
+    if rid:
+        headers["x-request-id"] = rid
+    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return _error_response(exc, request)
+
+    @app.exception_handler(BlockError)
+    async def _block_error(request: Request, exc: BlockError):
+        return _error_response(ApiError.from_block_error(exc), request)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": "invalid"}
+        if first.get("type") == "json_invalid":
+            return _error_response(ApiError(400, f"malformed JSON body: {first.get('ctx', {}).get('error', first['msg'])}",
+                                            None, "json_invalid"), request)
+        param = _loc_to_param(tuple(first.get("loc", ())))
+        if param is None and first.get("type") in ("model_attributes_type", "dict_type"):
+            return _error_response(ApiError(400, "the request body must be a JSON object", None, "invalid_type"), request)
+        msg = f"{param}: {first['msg']}" if param else first["msg"]
+        if len(errors) > 1 and param:
+            others = {_loc_to_param(tuple(e.get("loc", ()))) for e in errors[1:]} - {param, None}
+            if others:
+                msg += f" (also: {', '.join(sorted(others))})"
+        return _error_response(ApiError(400, msg, param, first.get("type")), request)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        return _error_response(ApiError(exc.status_code, message, None, None, getattr(exc, "headers", None)), request)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        err = ApiError(500, f"internal error: {type(exc).__name__}: {exc}", None, "internal_error")
+        return _error_response(err, request)

@@ -1,0 +1,33 @@
+"""`/health` and `/metrics` (Prometheus)."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from localist.server import schemas as S
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/health", response_model=S.Health)
+async def health(request: Request, response: Response):
+    """503 when the engine died or the audit store cannot be read."""
+    state = request.app.state
+    engine_ok = state.engine.running
+    try:
+        await state.store.alist_keys(include_revoked=False)
+        store_ok = True
+    except Exception:  # noqa: BLE001 — any failure means the store is unusable
+        store_ok = False
+    ok = engine_ok and store_ok
+    response.status_code = 200 if ok else 503
+    return S.Health(status="ok" if ok else "degraded", model=state.engine.name,
+                    engine="running" if engine_ok else "dead", audit_store="ok" if store_ok else "error",
+                    dev_mode=state.dev_mode)
+
+
+@router.get("/metrics", response_class=Response,
+            responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}})
+async def metrics(request: Request):
+    """Prometheus exposition: requests, tokens, latency, dial and fidelity histograms."""
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
