@@ -47,13 +47,14 @@ def postgres_server() -> Iterator[str]:
             raise RuntimeError(f"{' '.join(args)} failed ({done.returncode}):\n{done.stdout}{done.stderr}{log}")
 
     try:
-        run(str(initdb), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+        run(str(initdb), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
         run(str(pg_ctl), "-D", str(data), "-l", str(logfile), "-w", "-t", "60", "-o",
-            f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c max_connections=100", "start")
+            # fsync off: a throwaway server on shared test machines; nothing here outlives the test run.
+            f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c max_connections=100 -c fsync=off", "start")
         try:
             yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
         finally:
-            run(str(pg_ctl), "-D", str(data), "-m", "fast", "-w", "stop")
+            run(str(pg_ctl), "-D", str(data), "-m", "immediate", "-w", "stop")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

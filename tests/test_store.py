@@ -37,9 +37,9 @@ def make_record(i: int, tenant: str = "acme", **over) -> dict:
             "blocks": [{"label": "sys"}, {"label": f"doc-{i % 3}"}], "params": {"max_tokens": 8 + i},
         },
         "output": {"text": f"answer {i}", "token_ids": [i, i + 1], "finish_reason": "stop"},
-        "metrics": {"fidelity": None if i % 7 == 6 else (i % 10) / 10, "entropy_bits": 1.5 + i},
+        "metrics": {"pointer_fidelity": None if i % 7 == 6 else (i % 10) / 10, "entropy_bits": 1.5 + i},
         "timestamps": {"received": 1.7e9 + i, "finished": 1.7e9 + i + 0.25},
-        "replay": {"prompt_token_ids": [1, 2, 3, i], "block_spans": [[0, 1], [1, 4]], "seed": i,
+        "replay": {"prompt_token_ids": [1, 2, 3, i], "block_spans": [[0, 1, "sink", 1, 0, "sink"], [1, 4, "document", 0, 0, "doc"]], "seed": i,
                    "tokenizer_hash": "tok", "chat_template_hash": "tpl", "versions": {"localist": "0.1.0"}},
     }
     rec.update(over)
@@ -151,7 +151,7 @@ class StoreContract:
             r["id"] for r in reversed(acme) if rho_range(r)[0] >= 0.2 - 1e-12 and rho_range(r)[1] <= 0.5 + 1e-12]
         assert ids(fidelity_min=0.5, fidelity_max=0.8) == [
             r["id"] for r in reversed(acme)
-            if r["metrics"]["fidelity"] is not None and 0.5 <= r["metrics"]["fidelity"] <= 0.8]
+            if r["metrics"]["pointer_fidelity"] is not None and 0.5 <= r["metrics"]["pointer_fidelity"] <= 0.8]
         all_rows = store.list_records(tenant="acme", limit=1000).records
         mid = all_rows[len(all_rows) // 2]["created_us"]
         assert ids(since=mid / 1e6) == [r["id"] for r in all_rows if r["created_us"] >= mid]
@@ -319,6 +319,31 @@ class StoreContract:
         report = store.verify()
         assert (report.first_broken.seq, report.first_broken.reason) == (10, "a checkpoint's signature does not verify")
 
+    @pytest.mark.parametrize("sql, reason", [
+        ("UPDATE api_keys SET admin = TRUE WHERE name = 'ci'", "admin differ"),
+        ("UPDATE api_keys SET tenant = 'globex' WHERE name = 'ci'", "tenant differ"),
+        ("UPDATE api_keys SET revoked_us = NULL WHERE name = 'ci'", "revoked_us differ"),
+        ("UPDATE api_keys SET token_hash = (SELECT token_hash FROM api_keys WHERE name = 'mine') WHERE name = 'ci'",
+         "token_hash differ"),
+        ("INSERT INTO api_keys SELECT 'ffffffffffffffff', token_hash, tenant, 'planted', TRUE, created_us, NULL, "
+         "NULL, NULL FROM api_keys WHERE name = 'mine'", "added behind the store's back"),
+        ("DELETE FROM api_keys WHERE name = 'ci'", "deleted from the key table"),
+    ])
+    def test_key_table_edits_are_caught(self, store, url, sql, reason):
+        store.record(make_record(0))
+        _, ci = store.create_key(tenant="acme", name="ci")
+        store.create_key(tenant="acme", name="mine")
+        revoke = store.revoke_key(ci.key_id)
+        assert store.verify().ok and revoke.revoked_us is not None
+        engine = raw_engine(url)
+        with engine.begin() as conn:
+            conn.execute(sa.text(sql))
+        engine.dispose()
+        report = store.verify()
+        assert not report.ok and reason in report.first_broken.reason
+        # The contradicted record is ci's last key record (seq 4: the revocation), or past the head.
+        assert report.first_broken.seq == (5 if "planted" in sql else 4)
+
     # -- redaction, retention, signing ---------------------------------------------------------
 
     def test_redaction_and_retention_keep_the_chain_valid(self, store):
@@ -453,7 +478,7 @@ class TestSqlite(StoreContract):
     (lambda r: r["request"].pop("model"), "request.model"),
     (lambda r: r["request"].pop("weights_hash"), "request.weights_hash"),
     (lambda r: r["request"].update(blocks=[{"label": "a"}, {"start": 0}]), "request.blocks[1].label"),
-    (lambda r: r["metrics"].update(fidelity=1.2), "metrics.fidelity"),
+    (lambda r: r["metrics"].update(pointer_fidelity=1.2), "metrics.pointer_fidelity"),
     (lambda r: r["metrics"].update(entropy_bits=float("nan")), "record.metrics.entropy_bits"),
     (lambda r: r["output"].update(token_ids=[1, object()]), "record.output.token_ids[1]"),
     (lambda r: r["timestamps"].update(finished="late"), "timestamps.finished"),

@@ -490,14 +490,18 @@ class AuditStore:
                     raise RecordError(f"token: key id {kid} is taken by another key")
                 return token, self._key(row)
             key = ApiKey(kid, tenant, name, admin, now_us(), None, rate, conc)
-            conn.execute(sa.insert(api_keys).values(token_hash=keymod.token_hash(token), **key.to_dict()))
-            self._append(conn, [self._key_event("create", key, actor)])
+            stored_hash = keymod.token_hash(token)
+            conn.execute(sa.insert(api_keys).values(token_hash=stored_hash, **key.to_dict()))
+            self._append(conn, [self._key_event("create", key, stored_hash, actor)])
         return token, key
 
     @staticmethod
-    def _key_event(action: str, key: ApiKey, actor: str | None) -> Entry:
-        return make_entry(f"key-{action}-{key.key_id}", "key", key.tenant,
-                          {"action": action, "key": key.to_dict(), "actor": actor})
+    def _key_event(action: str, key: ApiKey, stored_hash: str, actor: str | None) -> Entry:
+        """The chained record of a key action; it pins the key's whole row (the stored token hash
+        through a digest of it), so verify notices a key edited, added or swapped in the table."""
+        return make_entry(f"key-{action}-{key.key_id}", "key", key.tenant, {
+            "action": action, "key": key.to_dict(), "token_hash_digest": sha256_hex(stored_hash.encode()),
+            "actor": actor})
 
     def list_keys(self, *, tenant=ALL_TENANTS, include_revoked: bool = True) -> list[ApiKey]:
         q = sa.select(api_keys).order_by(api_keys.c.created_us, api_keys.c.key_id)
@@ -523,7 +527,7 @@ class AuditStore:
             conn.execute(sa.update(api_keys).where(api_keys.c.key_id == key_id).values(revoked_us=when))
             key = self._key(row)
             key = ApiKey(**{**key.to_dict(), "revoked_us": when})
-            self._append(conn, [self._key_event("revoke", key, actor)])
+            self._append(conn, [self._key_event("revoke", key, row.token_hash, actor)])
             return key
 
     def verify_key(self, token: str) -> ApiKey | None:
@@ -573,8 +577,8 @@ class AuditStore:
 
     def verify(self, *, public_keys: Iterable[Any] | None = None, checkpoints: Iterable[Checkpoint] = (),
                chunk: int = 2000) -> VerifyReport:
-        """Check every link, content hash, payload hash and signed checkpoint; report the first
-        broken link. Trusted keys: ``public_keys`` (key objects, PEM bytes or files), else this
+        """Check every link, content hash, payload hash and signed checkpoint, and the key table
+        against the key records; report the first broken link. Trusted keys: ``public_keys`` (key objects, PEM bytes or files), else this
         store's own signing key. ``checkpoints`` adds signed checkpoints kept outside the
         database (``read_checkpoint_log``); a checkpoint beyond the last record means deletion."""
         if public_keys is None:
@@ -600,6 +604,7 @@ class AuditStore:
             expected, prev, checked, signed_seq, valid = 1, GENESIS_HASH, 0, None, 0
             missing: dict[int, str] = {}
             covered: set[int] = set()
+            key_state: dict[str, tuple[int, str, dict]] = {}
             broken = False
             while not broken:
                 rows = conn.execute(sa.select(audit_records).where(audit_records.c.seq >= expected)
@@ -625,6 +630,9 @@ class AuditStore:
                         missing[r.seq] = r.record_id
                     elif r.kind in ("redaction", "retention"):
                         covered.update(self._covers(r.seq, orjson.loads(body)))
+                    elif r.kind == "key":
+                        event = orjson.loads(body)
+                        key_state[event["key"]["key_id"]] = (r.seq, r.record_id, event)
                     for cp in want.get(r.seq, ()):
                         if cp.chain_hash != r.chain_hash:
                             issues.append(BrokenLink(r.seq, r.record_id,
@@ -645,6 +653,7 @@ class AuditStore:
             for seq, rid in missing.items():
                 if seq not in covered:
                     issues.append(BrokenLink(seq, rid, "payload deleted without a redaction record"))
+            issues += self._check_keys(conn, key_state, head.seq + 1)
         first = min(issues, key=lambda b: b.seq) if issues else None
         return VerifyReport(first is None, checked, head.seq, head.chain_hash, first, signed_seq, valid,
                             untrusted, len(missing) - sum(1 for s in missing if s not in covered))
@@ -664,6 +673,28 @@ class AuditStore:
         if body is not None and sha256_hex(body.encode()) != r.payload_hash:
             return "payload altered: it no longer hashes to its payload hash"
         return None
+
+    def _check_keys(self, conn: Connection, key_state: dict[str, tuple[int, str, dict]],
+                    unknown_seq: int) -> list[BrokenLink]:
+        """The api_keys table must be exactly what the chained key records say it is."""
+        issues = []
+        rows = {r.key_id: r for r in conn.execute(sa.select(api_keys))}
+        for kid, row in rows.items():
+            if kid not in key_state:
+                issues.append(BrokenLink(unknown_seq, None, f"api key {kid} has no audit record: "
+                                         "it was added behind the store's back"))
+                continue
+            seq, rid, event = key_state[kid]
+            stored = self._key(row).to_dict()
+            differ = sorted(k for k, v in stored.items() if event["key"].get(k) != v)
+            if sha256_hex(row.token_hash.encode()) != event["token_hash_digest"]:
+                differ.append("token_hash")
+            if differ:
+                issues.append(BrokenLink(seq, rid, f"api key {kid}: {', '.join(differ)} differ from its audit records"))
+        for kid in key_state.keys() - rows.keys():
+            seq, rid, _ = key_state[kid]
+            issues.append(BrokenLink(seq, rid, f"api key {kid} was deleted from the key table"))
+        return issues
 
     @staticmethod
     def _covers(seq: int, payload: dict) -> set[int]:
