@@ -291,5 +291,8 @@ def metrics_for_table(
             target = table.index(target)
         except KeyError:
             raise ValueError(f"target: no block is labelled {target!r}") from None
-    cand, pinned, visible = response_layout(table, stats.mass.shape[0])
+    T, L, H, G = stats.mass.shape if stats.mass.dim() == 4 else (stats.mass.shape[0], 0, 0, 0)
+    if T == 0 and G != table.num_blocks:  # "no token" stats may come without a block axis
+        stats = BlockStats(*(torch.zeros(0, L, H, table.num_blocks) for _ in range(3)))
+    cand, pinned, visible = response_layout(table, T)
     return response_metrics(stats, cand, pinned, visible, target, rho, eps)
