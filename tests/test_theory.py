@@ -159,21 +159,21 @@ def test_predicted_vs_measured_on_section7_by_hand():
     assert rep.fidelity_measured == pytest.approx(F, abs=1e-6)
     assert rep.fidelity_predicted == pytest.approx(F, abs=1e-6)  # L is float32
     assert rep.fidelity_max_abs_error < 1e-6
-    assert rep.fidelity_lower_bound == pytest.approx(1 / (1 + 3 * math.exp(-(1 + lam) * delta)), abs=1e-6)
+    assert rep.fidelity_bound == pytest.approx(1 / (1 + 3 * math.exp(-(1 + lam) * delta)), abs=1e-6)
     ls = math.log(3 * 0.9 / 0.1) / delta - 1
     assert rep.lambda_star_median == pytest.approx(ls, abs=1e-5)
     assert rep.lambda_star_p90 == pytest.approx(ls, abs=1e-5)
     assert rep.rho_star_median == pytest.approx(ls / (1 + ls), abs=1e-6)
     assert rep.wrong_block_share == 0.0 and rep.target_not_top is False
-    assert rep.entropy_measured == pytest.approx(1.020215, abs=1e-5)  # all blocks are candidates: H(a)
+    assert rep.entropy_measured_nats == pytest.approx(1.020215, abs=1e-5)  # all blocks are candidates: H(a)
     q = [float(x) for x in stats.mass.flatten()]
     bound = (-F * math.log(F) - (1 - F) * math.log(1 - F) + (1 - F) * math.log(3)
              + sum(qg * math.log(ng) for qg, ng in zip(q, n)))
-    assert rep.entropy_bound == pytest.approx(bound, abs=1e-5)
-    assert rep.fidelity_bound_held == 1.0 and rep.entropy_bound_held == 1.0
+    assert rep.entropy_bound_nats == pytest.approx(bound, abs=1e-5)
+    assert rep.bound_held_fidelity == 1.0 and rep.bound_held_entropy == 1.0
     assert rep.num_heads_scored == 1
     d = rep.to_dict()
-    assert d["target"] == 2 and d["epsilon"] == 0.1 and set(d) >= {"wrong_block_share", "entropy_bound_held"}
+    assert d["target"] == 2 and d["epsilon"] == 0.1 and set(d) >= {"wrong_block_share", "bound_held_entropy"}
 
 
 def test_wrong_target_is_flagged():
@@ -181,8 +181,8 @@ def test_wrong_target_is_flagged():
                                 0.9, 0, top_candidate=2)
     assert rep.target_not_top is True
     assert rep.wrong_block_share == 1.0  # δ = L_0 − L_2 < 0
-    assert rep.lambda_star_median is None and rep.fidelity_bound_held is None
-    assert rep.fidelity_lower_bound == 0.0
+    assert rep.lambda_star_median is None and rep.bound_held_fidelity is None
+    assert rep.fidelity_bound == 0.0
     assert rep.fidelity_measured == pytest.approx(0.000640, abs=1e-6)  # §7 at ρ = 0.9
 
 
@@ -231,10 +231,10 @@ def test_bounds_hold_on_real_attention(seed, rho, target):
     stats, cand, visible = random_response(seed, rho)
     rep = predicted_vs_measured(stats, cand, visible, rho, target)
     assert rep.num_heads_scored > 0
-    assert rep.entropy_bound_held == 1.0
-    assert rep.fidelity_bound_held in (1.0, None)
+    assert rep.bound_held_entropy == 1.0
+    assert rep.bound_held_fidelity in (1.0, None)
     assert rep.fidelity_max_abs_error < 1e-5  # the engine's masses are §4's q^ρ
-    assert rep.fidelity_lower_bound <= rep.fidelity_measured + 1e-6
+    assert rep.fidelity_bound <= rep.fidelity_measured + 1e-6
     assert 0.0 <= rep.wrong_block_share <= 1.0
     if rep.lambda_star_median is not None:
         assert 0.0 <= rep.lambda_star_median <= rep.lambda_star_p90
@@ -245,7 +245,7 @@ def test_bound_check_catches_wrong_visible_counts():
     stats, cand, visible = random_response(11, 0.0)
     assert visible.max() > 1
     rep = predicted_vs_measured(stats, cand, torch.ones_like(visible), 0.0, 1)
-    assert rep.entropy_bound_held < 1.0
+    assert rep.bound_held_entropy < 1.0
 
 
 def test_per_layer_rho():
