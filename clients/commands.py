@@ -57,7 +57,8 @@ def render_metrics(result: LocalistResult, choice: int = 0) -> str:
     lines.append(f"  {'id':>3}  {'block':<{label_width}}  {'kind':<9} {'tokens':>9}  "
                  f"{'attribution':<{BAR_WIDTH}}  {'mass':>6}")
     for block in result.blocks:
-        mass = metrics.attribution[block.id] if metrics and block.id < len(metrics.attribution) else None
+        shares = metrics.attribution if metrics else None
+        mass = shares[block.id] if shares and block.id < len(shares) else None
         flags = ("*" if block.candidate else "") + ("+" if block.pinned else "")
         kind = (block.kind + flags)[:9]
         target = "  ◀ target" if metrics and metrics.target_block == block.id else ""
@@ -68,11 +69,12 @@ def render_metrics(result: LocalistResult, choice: int = 0) -> str:
         lines.append("  no metrics for this choice")
         return "\n".join(lines)
     theory = metrics.theory
-    source = {"request": "given", "argmax": "top candidate"}.get(metrics.target_source or "", "none")
+    source = {"request": "given", "top_candidate": "top candidate"}.get(metrics.target_source or "", "none")
     lines += [
-        f"tokens generated   {metrics.num_tokens}   sink mass {_num(metrics.sink_mass)}   target: {source}",
-        f"attention entropy  H(a) {metrics.entropy.total_nats:.3f} nats ({metrics.entropy.total_bits:.3f} bits)"
-        f"   block H(π) {metrics.entropy.block_nats:.3f} nats ({metrics.entropy.block_bits:.3f} bits)",
+        f"tokens generated   {metrics.num_tokens}   sink mass {_num(metrics.sink_mass)}"
+        f"   candidate mass {_num(metrics.candidate_mass)}   target: {source}",
+        f"attention entropy  H(a) {_num(metrics.entropy.total_nats)} nats ({_num(metrics.entropy.total_bits)} bits)"
+        f"   block H(π) {_num(metrics.entropy.block_nats)} nats ({_num(metrics.entropy.block_bits)} bits)",
         f"pointer fidelity   {_num(metrics.pointer_fidelity)}  {bar(metrics.pointer_fidelity, 12)}"
         f"  bound ≥ {_num(theory.fidelity_bound)}   predicted {_num(theory.fidelity_predicted)}"
         f"   bound held {_pct(theory.bound_held_fidelity)}",

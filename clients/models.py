@@ -76,16 +76,17 @@ class BlockInfo(_Model):
 
 
 class Entropy(_Model):
-    total_nats: float
-    total_bits: float
-    block_nats: float
-    block_bits: float
+    total_nats: float | None
+    total_bits: float | None
+    block_nats: float | None
+    block_bits: float | None
 
 
 class Theory(_Model):
     """SPEC §4: the threshold and bounds next to what was measured."""
 
     epsilon: float
+    target: int | None
     num_heads_scored: int
     lambda_star_median: float | None
     lambda_star_p90: float | None
@@ -108,19 +109,34 @@ class TokenMetrics(_Model):
     token_id: int
     text: str
     attribution: list[float]
+    sink_mass: float
+    candidate_mass: float
     entropy_nats: float
+    entropy_bits: float
     block_entropy_nats: float
+    block_entropy_bits: float
     pointer_fidelity: float | None
     layers: list[list[list[float]]] | None = None
+    layer_attribution: list[list[float]] | None = None
+    layer_sink_mass: list[float] | None = None
+    layer_entropy_nats: list[float] | None = None
+    head_entropy_nats: list[list[float]] | None = None
+    layer_block_entropy_nats: list[float] | None = None
+    head_block_entropy_nats: list[list[float]] | None = None
+    layer_pointer_fidelity: list[float | None] | None = None
+    head_pointer_fidelity: list[list[float | None]] | None = None
 
 
 class ResponseMetrics(_Model):
     index: int
     num_tokens: int
+    num_layers: int
+    num_heads: int
     target_block: int | None
-    target_source: Literal["request", "argmax"] | None
-    attribution: list[float]
-    sink_mass: float
+    target_source: Literal["request", "top_candidate"] | None
+    attribution: list[float] | None
+    sink_mass: float | None
+    candidate_mass: float | None
     entropy: Entropy
     pointer_fidelity: float | None
     theory: Theory

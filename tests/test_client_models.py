@@ -63,7 +63,13 @@ def _openapi_schemas() -> dict[str, dict]:
     return {_ref_name(name): schema for name, schema in found.items()}
 
 
-@pytest.mark.parametrize("model", client_models.WIRE_MODELS, ids=lambda m: m.__name__)
+# SSE events are not response models of any route, so OpenAPI cannot publish them; they are checked
+# against server/schemas.py above.
+STREAM_ONLY = {"ChatDelta", "ChatChunkChoice", "ChatCompletionChunk"}
+
+
+@pytest.mark.parametrize("model", [m for m in client_models.WIRE_MODELS if m.__name__ not in STREAM_ONLY],
+                         ids=lambda m: m.__name__)
 def test_mirrors_openapi(model):
     published = _openapi_schemas()
     assert model.__name__ in published, f"openapi.yaml has no schema {model.__name__}"
