@@ -3,7 +3,7 @@
 The server talks to vLLM through this wrapper only, so the HTTP layer never depends on vLLM's
 internals: prompts go in as token ids (the block table decides tokenisation, SPEC §1), outputs come
 back as vLLM ``RequestOutput`` objects, and the per-token attention statistics of a request come back
-through :meth:`Engine.fetch_stats` (``localist.model.vllm_engine``).
+through ``localist.model.vllm_engine.fetch_stats`` on :attr:`Engine.llm`.
 """
 from __future__ import annotations
 
@@ -86,15 +86,15 @@ class Engine:
 
     def start(self) -> None:
         """Start the engine core (tens of seconds on CPU)."""
-        from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        from localist.model.vllm_engine import engine_args
+
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        args = AsyncEngineArgs(
-            model=str(self.model_dir),
+        args = engine_args(
+            self.model_dir,
             served_model_name=self.name,
             max_model_len=self.max_model_len,
-            enforce_eager=True,
             gpu_memory_utilization=0.3,
             seed=self.config.seed,
             **self.config.extra,

@@ -60,6 +60,7 @@ class ChoiceState:
     finish_reason: str | None = None
     sent_tokens: int = 0
     sent_chars: int = 0
+    finish_sent: bool = False
 
     def update(self, completion) -> None:
         self.token_ids = list(completion.token_ids)

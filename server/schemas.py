@@ -151,16 +151,17 @@ class BlockInfo(_Response):
 
 
 class Entropy(_Response):
-    total_nats: float = Field(description="H(a): attention entropy over tokens.")
-    total_bits: float
-    block_nats: float = Field(description="H(π): entropy of the block distribution.")
-    block_bits: float
+    total_nats: float | None = Field(description="H(a): attention entropy over tokens (mean over tokens, layers, heads).")
+    total_bits: float | None
+    block_nats: float | None = Field(description="H(π): entropy of the block distribution.")
+    block_bits: float | None
 
 
 class Theory(_Response):
     """SPEC §4 next to what was measured (``localist.model.theory.TheoryReport``)."""
 
     epsilon: float
+    target: int | None
     num_heads_scored: int = Field(description="(token, layer, head) with ≥ 2 candidates and candidate mass.")
     lambda_star_median: float | None = Field(description="Candidate-mass-weighted median of λ*(ε) over heads with δ > 0.")
     lambda_star_p90: float | None
@@ -179,27 +180,42 @@ class Theory(_Response):
 
 
 class TokenMetrics(_Response):
+    """One generated token (``localist.model.metrics``, audit level per_token / per_layer)."""
+
     index: int
     token_id: int
     text: str
     attribution: list[float] = Field(description="π over blocks, mean over layers and heads.")
+    sink_mass: float
+    candidate_mass: float
     entropy_nats: float
+    entropy_bits: float
     block_entropy_nats: float
+    block_entropy_bits: float
     pointer_fidelity: float | None
-    layers: list[list[list[float]]] | None = Field(
-        None, description="`per_layer` audit only: π over blocks for each layer and head, [L][H][G]."
-    )
+    layers: list[list[list[float]]] | None = Field(None, description="per_layer: π per layer and head, [L][H][G].")
+    layer_attribution: list[list[float]] | None = Field(None, description="per_layer: π per layer, [L][G].")
+    layer_sink_mass: list[float] | None = None
+    layer_entropy_nats: list[float] | None = None
+    head_entropy_nats: list[list[float]] | None = None
+    layer_block_entropy_nats: list[float] | None = None
+    head_block_entropy_nats: list[list[float]] | None = None
+    layer_pointer_fidelity: list[float | None] | None = None
+    head_pointer_fidelity: list[list[float | None]] | None = None
 
 
 class ResponseMetrics(_Response):
-    """Metrics of one generated choice (SPEC §3/§4)."""
+    """Metrics of one generated choice (SPEC §3/§4), as ``localist.model.metrics`` computes them."""
 
-    index: int
+    index: int = Field(description="The choice's index.")
     num_tokens: int
+    num_layers: int
+    num_heads: int
     target_block: int | None
-    target_source: Literal["request", "argmax"] | None
-    attribution: list[float] = Field(description="Response-level π over blocks (mean over generated tokens).")
-    sink_mass: float
+    target_source: Literal["request", "top_candidate"] | None
+    attribution: list[float] | None = Field(description="Response-level π over blocks (mean over generated tokens).")
+    sink_mass: float | None
+    candidate_mass: float | None
     entropy: Entropy
     pointer_fidelity: float | None
     theory: Theory

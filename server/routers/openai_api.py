@@ -62,13 +62,11 @@ class Run:
             yield i
 
     async def finish_metrics(self) -> S.LocalistResult:
-        metrics = []
-        for i, state in enumerate(self.states):
-            metrics.append(await choice_metrics(self.engine, self.prep, state, self.stats[i]))
+        metrics = [await choice_metrics(self.engine, self.prep, s, self.stats[i]) for i, s in enumerate(self.states)]
         self.result = S.LocalistResult(
             audit_id=self.prep.request_id, audit=self.prep.req.audit,
             locality=S.Dial(rho=self.prep.rho, preset=self.prep.preset),
-            blocks=blocks_info(self.prep.table), choices=[m for m in metrics if m is not None],
+            blocks=blocks_info(self.prep.table), choices=metrics,
         )
         return self.result
 
@@ -281,23 +279,24 @@ async def _stream(run: Run, endpoint: str) -> AsyncIterator[str]:
                     S.ChatChunkChoice(index=s.index, delta=S.ChatDelta(role="assistant", content=""))]))
         async for i in _merged(run):
             s = run.states[i]
-            start, end = s.sent_tokens, len(s.token_ids)
-            text = s.text[s.sent_chars:]
-            if end == start and s.finish_reason is None:
+            # the choice's pump keeps updating s while this awaits: take one consistent snapshot now
+            start, end, finish = s.sent_tokens, len(s.token_ids), s.finish_reason
+            token_ids, text = list(s.token_ids), s.text[s.sent_chars:]
+            if end == start and not text and (finish is None or s.finish_sent):
                 continue
-            tokens = await stream_tokens(run.engine, prep, s, run.stats[i], start, end)
+            s.sent_tokens, s.sent_chars, s.finish_sent = end, s.sent_chars + len(text), finish is not None
+            tokens = await stream_tokens(run.engine, prep, token_ids, run.stats[i], start, end)
             delta = S.LocalistDelta(tokens=tokens) if tokens else None
-            s.sent_tokens, s.sent_chars = end, len(s.text)
             if endpoint == "chat":
                 lp = chat_logprobs(run.engine, s, start, end, req.top_logprobs or 0) if req.logprobs else None
                 yield _sse(S.ChatCompletionChunk(**base, choices=[S.ChatChunkChoice(
-                    index=i, delta=S.ChatDelta(content=text), logprobs=lp, finish_reason=s.finish_reason,
+                    index=i, delta=S.ChatDelta(content=text), logprobs=lp, finish_reason=finish,
                     localist=delta)]))
             else:
                 lp = (completion_logprobs(run.engine, s, start, end, req.logprobs, 0)
                       if req.logprobs is not None else None)
                 yield _sse(S.CompletionResponse(**base, choices=[S.CompletionChoice(
-                    index=i, text=text, logprobs=lp, finish_reason=s.finish_reason, localist=delta)],
+                    index=i, text=text, logprobs=lp, finish_reason=finish, localist=delta)],
                     usage=None, localist=None))
         await run.finish_metrics()
         await run.release_stats()
