@@ -76,9 +76,9 @@ def exact_fidelity(L_cand: Tensor, target: int | Tensor, lam: Tensor | float) ->
 def fidelity_lower_bound(delta: Tensor | float, B: Tensor | int, lam: Tensor | float) -> Tensor:
     """1 / (1 + (B−1) e^{−(1+λ)δ}) where δ > 0; elsewhere the trivial bound 0."""
     delta, B, lam = _t(delta), _t(B), _t(lam)
-    decay = torch.where(torch.isinf(lam) | torch.isinf(delta), 0.0,
-                        torch.exp(-(1 + lam.masked_fill(torch.isinf(lam), 0.0)) * delta.masked_fill(
-                            torch.isinf(delta), 0.0)))
+    limit = torch.isinf(lam) | torch.isinf(delta)  # e^{−∞} = 0, taken explicitly
+    exponent = (1 + lam.masked_fill(torch.isinf(lam), 0.0)) * delta.masked_fill(torch.isinf(delta), 0.0)
+    decay = torch.where(limit, 0.0, torch.exp(-exponent))
     return torch.where(delta > 0, 1 / (1 + (B - 1).clamp(min=0) * decay), 0.0)
 
 
@@ -88,7 +88,7 @@ def _check_eps(eps: float) -> None:
 
 
 def lambda_star(delta: Tensor | float, B: Tensor | int, eps: float = DEFAULT_EPS) -> Tensor:
-    """λ*(ε) = max(0, ln((B−1)(1−ε)/ε)/δ − 1): enough for q^ρ(R) ≥ 1 − ε; +inf when δ ≤ 0 (none is)."""
+    """λ*(ε) = max(0, ln((B−1)(1−ε)/ε)/δ − 1), enough for q^ρ(R) ≥ 1 − ε; +inf when δ ≤ 0."""
     _check_eps(eps)
     delta, B = _t(delta), _t(B)
     need = torch.log((B - 1).clamp(min=0) * (1 - eps) / eps)  # −inf for B = 1: nothing to beat
