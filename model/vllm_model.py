@@ -1,0 +1,287 @@
+"""vLLM model classes with localist attention (SPEC §2) over vLLM's paged KV cache.
+
+``LocalistLlamaForCausalLM`` / ``LocalistQwen2ForCausalLM`` are vLLM's own Llama/Qwen2 classes —
+same layers, same weight loading — whose attention layers are swapped for
+:class:`LocalistAttentionLayer`. That layer keeps vLLM's KV-cache *write* (so the cache layout stays
+vLLM's), then reads each request's keys and values back from the paged cache and calls
+:func:`localist.model.attention.localist_attention`, the one definition of the maths, with the
+request's block ids, pinned blocks and this layer's ρ. A batch with no localist request runs vLLM's
+stock kernel untouched.
+
+The per-step plan (which rows decode, which prefill, their block ids, ρ per layer, who produces a
+token) is built once per forward pass from the attention metadata and the row table kept by
+:class:`localist.model.vllm_engine.LocalistRowState`, and shared by all layers.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from vllm.forward_context import get_forward_context
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.attention.attention import unified_kv_cache_update
+from vllm.model_executor.models.llama import LlamaForCausalLM
+from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
+from vllm.model_executor.models.utils import extract_layer_index
+
+from localist.model.attention import localist_attention
+from localist.model.vllm_engine import WORKER, RequestState
+
+# Score elements per attention call in prefill (queries are chunked to stay under it).
+_PREFILL_BUDGET = 1 << 23
+
+
+@dataclass
+class _Decode:
+    """All rows with one query this step, attended together over their padded paged K/V."""
+
+    query_index: torch.Tensor  # [R] positions of the rows' queries in the flat batch
+    block_index: torch.Tensor  # [R, nblk] cache blocks
+    block_ids: torch.Tensor  # [R, nblk * block_size] (−1 past the sequence)
+    pinned: torch.Tensor  # [R, G]
+    rho: torch.Tensor  # [L, R]
+    keep: list[tuple[int, str, int, int]]  # (row in group, request id, token index, G)
+    stats: list[torch.Tensor] = field(default_factory=list)  # per layer [3, R, H, G]
+
+
+@dataclass
+class _Prefill:
+    """One row with several queries (a prompt or a chunk of one), attended on its own."""
+
+    query_start: int
+    query_len: int
+    seq_len: int
+    block_index: torch.Tensor  # [nblk]
+    block_ids: torch.Tensor  # [seq_len]
+    pinned: torch.Tensor  # [G]
+    rho: torch.Tensor  # [L]
+    keep: tuple[str, int] | None  # (request id, token index) when its last query produces a token
+    stats: list[torch.Tensor] = field(default_factory=list)  # per layer [3, H, G]
+
+
+@dataclass
+class _Plan:
+    context: object
+    decode: _Decode | None
+    prefills: list[_Prefill]
+
+
+_current: list = [None, None]  # [forward context, plan] of the step in progress
+
+
+def _row_inputs(state: RequestState | None, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Block ids, pinned flags and ρ per layer of one row; a stock row is one block at ρ = 0."""
+    if state is None:
+        return (torch.zeros(seq_len, dtype=torch.int64), torch.zeros(1, dtype=torch.bool),
+                torch.zeros(WORKER.num_layers, dtype=torch.float32))
+    return state.block_ids(seq_len), state.pinned, state.rho
+
+
+def _token_index(state: RequestState | None, seq_len: int) -> int | None:
+    """Output token produced by the query at position seq_len − 1, if the request keeps statistics.
+
+    That query produces output token seq_len − P (P = prompt length) whenever seq_len ≥ P: the first
+    token after a full prefill, each decode step, and the recomputed step after a preemption.
+    """
+    if state is None or not state.keep_stats or seq_len < state.prompt_len:
+        return None
+    return seq_len - state.prompt_len
+
+
+def _build_plan(context, meta, block_size: int) -> _Plan | None:
+    num_reqs = meta.seq_lens.shape[0]
+    rows = WORKER.rows
+    if not any(r < num_reqs for r in rows):
+        return None
+    qsl = meta.query_start_loc.tolist()
+    seq_lens = meta.seq_lens.tolist()
+    decode_rows = [r for r in range(num_reqs) if qsl[r + 1] - qsl[r] == 1]
+    prefills = []
+    for r in range(num_reqs):
+        qlen = qsl[r + 1] - qsl[r]
+        if qlen <= 1:
+            continue
+        state, seq_len = rows.get(r), seq_lens[r]
+        ids, pinned, rho = _row_inputs(state, seq_len)
+        nblk = math.ceil(seq_len / block_size)
+        token = _token_index(state, seq_len)
+        prefills.append(_Prefill(
+            qsl[r], qlen, seq_len, meta.block_table[r, :nblk].long(), ids, pinned, rho,
+            (state.request_id, token) if token is not None else None,
+        ))
+    decode = None
+    if decode_rows:
+        nblk = math.ceil(max(seq_lens[r] for r in decode_rows) / block_size)
+        inputs = [_row_inputs(rows.get(r), seq_lens[r]) for r in decode_rows]
+        G = max(p.numel() for _, p, _ in inputs)
+        block_ids = torch.full((len(decode_rows), nblk * block_size), -1, dtype=torch.int64)
+        pinned = torch.zeros(len(decode_rows), G, dtype=torch.bool)
+        keep = []
+        for i, (r, (ids, pin, _)) in enumerate(zip(decode_rows, inputs)):
+            block_ids[i, : ids.numel()] = ids
+            pinned[i, : pin.numel()] = pin
+            token = _token_index(rows.get(r), seq_lens[r])
+            if token is not None:
+                keep.append((i, rows[r].request_id, token, pin.numel()))
+        rows_t = torch.tensor(decode_rows)
+        decode = _Decode(
+            query_index=torch.tensor([qsl[r] for r in decode_rows]),
+            block_index=meta.block_table[rows_t, :nblk].long(),
+            block_ids=block_ids,
+            pinned=pinned,
+            rho=torch.stack([rho for _, _, rho in inputs], 1),
+            keep=keep,
+        )
+    return _Plan(context, decode, prefills)
+
+
+def _flush(plan: _Plan) -> None:
+    """After the last layer: hand each produced token's [L, H, G] statistics to the store."""
+    if plan.decode is not None and plan.decode.keep:
+        stacked = torch.stack(plan.decode.stats, 2)  # [3, R, L, H, G]
+        for i, request_id, token, G in plan.decode.keep:
+            row = stacked[:, i, :, :, :G].clone()
+            WORKER.add_token_stats(request_id, token, row[0], row[1], row[2])
+    for p in plan.prefills:
+        if p.keep is not None:
+            stacked = torch.stack(p.stats, 1)  # [3, L, H, G]
+            WORKER.add_token_stats(p.keep[0], p.keep[1], stacked[0], stacked[1], stacked[2])
+
+
+class LocalistAttentionLayer(Attention):
+    """vLLM's ``Attention`` with localist attention for batches that hold localist requests."""
+
+    localist_layer: int
+    _k_transposed: bool | None = None
+
+    def forward(self, query, key, value, output_shape=None, output_dtype=None):
+        context = get_forward_context()
+        meta = context.attn_metadata
+        meta = meta.get(self.layer_name) if isinstance(meta, dict) else None
+        if meta is None:
+            return super().forward(query, key, value, output_shape, output_dtype)
+        if _current[0] is not context:
+            _current[0], _current[1] = context, _build_plan(context, meta, self.kv_cache.shape[2])
+        plan: _Plan | None = _current[1]
+        if plan is None:
+            return super().forward(query, key, value, output_shape, output_dtype)
+
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_size
+        q = query.view(-1, H, D)
+        k, v = key.view(-1, Hkv, D), value.view(-1, Hkv, D)
+        unified_kv_cache_update(k, v, self.layer_name)  # vLLM's own write: the layout stays vLLM's
+        k_cache, v_cache = self._paged_views(k, meta)
+
+        out = torch.zeros(q.shape, dtype=output_dtype or query.dtype, device=query.device)
+        layer = self.localist_layer
+        if plan.decode is not None:
+            self._decode(plan.decode, q, k_cache, v_cache, out, layer)
+        for p in plan.prefills:
+            self._prefill(p, q, k_cache, v_cache, out, layer)
+        if layer == WORKER.num_layers - 1:
+            _flush(plan)
+        return out.view(q.shape[0], H * D)
+
+    def _paged_views(self, k: torch.Tensor, meta) -> tuple[torch.Tensor, torch.Tensor]:
+        """K as [blocks, kv heads, D, block] (transposed per cache block) and V as [blocks, kv heads, block, D].
+
+        The CPU kernel's K layout inside a block depends on the ISA: detect it once from what vLLM
+        just wrote at ``slot_mapping``, and check it again on every step of the first layer; a
+        mismatch is an error, never silently wrong attention.
+        """
+        cache = self.kv_cache
+        nb, Hkv, bs, two_d = cache.shape
+        D = two_d // 2
+        raw = cache.view(nb, Hkv, 2, bs * D)
+        v_cache = raw[:, :, 1].unflatten(-1, (bs, D))
+        check = self._k_transposed is None or self.localist_layer == 0
+        layouts = [self._k_transposed] if self._k_transposed is not None else [True, False]
+        for transposed in layouts:
+            k_cache = raw[:, :, 0].unflatten(-1, (D, bs) if transposed else (bs, D))
+            if transposed is False:
+                k_cache = k_cache.transpose(-1, -2)
+            if not check or self._written_matches(k_cache, k, meta):
+                self._k_transposed = transposed
+                return k_cache, v_cache
+        raise RuntimeError(
+            f"localist: cannot read K back from vLLM's paged cache in layer {self.layer_name} "
+            f"(ISA {getattr(self, 'isa', '?')}): the cache layout is not the one this reader knows"
+        )
+
+    @staticmethod
+    def _written_matches(k_cache: torch.Tensor, k: torch.Tensor, meta) -> bool:
+        n = meta.num_actual_tokens
+        slots = meta.slot_mapping[:n].long()
+        bs = k_cache.shape[-1]
+        read = k_cache[slots // bs, :, :, slots % bs]  # [n, Hkv, D]
+        return torch.equal(read, k[:n])
+
+    def _decode(self, d: _Decode, q, k_cache, v_cache, out, layer: int) -> None:
+        R, nblk = d.block_index.shape
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_size
+        g = H // Hkv
+        keys = k_cache[d.block_index].permute(0, 2, 3, 1, 4).reshape(R, Hkv, D, -1)  # [R, Hkv, D, T]
+        values = v_cache[d.block_index].permute(0, 2, 1, 3, 4).reshape(R, Hkv, -1, D)  # [R, Hkv, T, D]
+        queries = q[d.query_index].view(R, Hkv, g, D)  # grouped heads share their K/V (no repeat)
+        visible = (d.block_ids >= 0).unsqueeze(1).expand(R, g, -1)
+        o, st = localist_attention(
+            queries, keys.transpose(-1, -2), values, d.block_ids, d.rho[layer], d.pinned, self.impl.scale,
+            key_visible=visible,
+        )
+        out[d.query_index] = o.reshape(R, H, D).to(out.dtype)
+        if d.keep:
+            d.stats.append(torch.stack([st.log_mass, st.mass, st.inner_entropy]).view(3, R, H, -1))
+
+    def _prefill(self, p: _Prefill, q, k_cache, v_cache, out, layer: int) -> None:
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_size
+        g, S = H // Hkv, p.seq_len
+        keys = k_cache[p.block_index].permute(1, 0, 3, 2).reshape(Hkv, -1, D)[:, :S].contiguous()
+        values = v_cache[p.block_index].permute(1, 0, 2, 3).reshape(Hkv, -1, D)[:, :S]
+        rows = q[p.query_start: p.query_start + p.query_len].view(p.query_len, Hkv, g, D)
+        first_pos = S - p.query_len
+        chunk = max(1, min(p.query_len, _PREFILL_BUDGET // (H * S)))
+        rho = p.rho[layer].view(1)
+        for a in range(0, p.query_len, chunk):
+            b = min(a + chunk, p.query_len)
+            n, Tk = b - a, first_pos + b
+            queries = rows[a:b].permute(1, 2, 0, 3).reshape(1, Hkv, g * n, D)
+            positions = torch.arange(first_pos + a, first_pos + b)
+            causal = torch.arange(Tk).unsqueeze(0) <= positions.unsqueeze(1)  # [n, Tk]
+            visible = causal.unsqueeze(0).expand(g, n, Tk).reshape(1, g * n, Tk)
+            o, st = localist_attention(
+                queries, keys[None, :, :Tk], values[None, :, :Tk], p.block_ids[None, :Tk], rho,
+                p.pinned[None], self.impl.scale, key_visible=visible,
+            )
+            out[p.query_start + a: p.query_start + b] = (
+                o.view(Hkv, g, n, D).permute(2, 0, 1, 3).reshape(n, H, D).to(out.dtype)
+            )
+        if p.keep is not None:
+            last = torch.stack([st.log_mass, st.mass, st.inner_entropy]).view(3, Hkv, g, n, -1)[:, :, :, -1]
+            p.stats.append(last.reshape(3, H, -1))
+
+
+def _localize(model: torch.nn.Module, vllm_config) -> None:
+    """Swap every vLLM attention layer of ``model`` for the localist one (weights untouched)."""
+    if not vllm_config.model_config.enforce_eager:
+        raise ValueError("enforce_eager: localist models run their attention eagerly; start vLLM with enforce_eager=True")
+    for module in model.modules():
+        if type(module) is Attention:
+            module.__class__ = LocalistAttentionLayer
+            module.localist_layer = extract_layer_index(module.layer_name)
+
+
+class LocalistLlamaForCausalLM(LlamaForCausalLM):
+    """Llama with localist attention; loads any Llama checkpoint."""
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        _localize(self, vllm_config)
+
+
+class LocalistQwen2ForCausalLM(Qwen2ForCausalLM):
+    """Qwen2 with localist attention; loads any Qwen2 checkpoint."""
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        _localize(self, vllm_config)

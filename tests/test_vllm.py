@@ -1,0 +1,267 @@
+"""The localist model inside vLLM (issue 4): stock equality, reference equality, mixed batches, metrics.
+
+One float32 engine for the whole module (tiny random Llama, GQA, 3 layers). Its scheduler takes at
+most 48 tokens per step, so prompts longer than that are prefilled in chunks: the tests below cover
+single-pass prefill, chunked prefill and decode. Everything is compared with
+:class:`localist.model.reference.ReferenceLM` (HF modelling code + the same attention maths).
+"""
+import gc
+import json
+import math
+import os
+import random
+
+import pytest
+import torch
+
+from localist.model.attention import dial_mass
+from localist.model.blocks import BlockError, LocalistParams
+from localist.model.reference import ReferenceLM
+from localist.model.tiny import make_tiny_checkpoint
+from localist.model.vllm_engine import (
+    WORKER, LocalistRowState, _WorkerState, cache_salt, engine_kwargs, fetch_stats_sync,
+)
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+NUM_LAYERS = 3
+MAX_TOKENS = 8
+CHUNK = 48  # scheduler token budget per step: longer prompts are prefilled in chunks
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("llama"), arch="llama", num_layers=NUM_LAYERS,
+                                initializer_range=0.2, seed=1)
+
+
+@pytest.fixture(scope="module")
+def llm(checkpoint):
+    from vllm import LLM
+
+    engine = LLM(**engine_kwargs(
+        checkpoint, dtype="float32", max_model_len=512, gpu_memory_utilization=0.3,
+        enable_chunked_prefill=True, max_num_batched_tokens=CHUNK, max_num_seqs=16, seed=0,
+    ))
+    yield engine
+    del engine
+    gc.collect()
+
+
+@pytest.fixture(scope="module")
+def ref(checkpoint):
+    return ReferenceLM.from_pretrained(checkpoint)
+
+
+def prompt(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [1] + [rng.randrange(5, 400) for _ in range(n - 1)]
+
+
+def layout(n: int, seed: int) -> list[list]:
+    """A few rule/document spans over a prompt of n tokens (bare spans, as under plain vllm serve)."""
+    rng = random.Random(seed)
+    cuts = sorted(rng.sample(range(2, n - 1), 4))
+    return [[cuts[0], cuts[1], "rule"], [cuts[1], cuts[2], "document", 0, 1], [cuts[2], cuts[3], "rule", 1]]
+
+
+def sampling(params: LocalistParams | None, max_tokens: int = MAX_TOKENS):
+    from vllm import SamplingParams
+
+    extra = {"localist": params.to_json()} if params is not None else None
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, extra_args=extra)
+
+
+def run(llm, requests):
+    """requests: list of (prompt ids, LocalistParams | None) → generated token ids per request.
+
+    Prompts carry the cache salt, as the server sends them (prefix caching is on).
+    """
+    prompts = []
+    for ids, lp in requests:
+        salt = cache_salt(lp) if lp is not None else None
+        prompts.append({"prompt_token_ids": ids, **({"cache_salt": salt} if salt else {})})
+    outs = llm.generate(prompts, [sampling(lp) for _, lp in requests], use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+def reference(ref, ids, params: LocalistParams):
+    table = params.table(len(ids))
+    table.token_ids = list(ids)
+    return ref.generate(table, params.rho, MAX_TOKENS, stop_at_eos=False)
+
+
+def rho_for(value) -> list[float]:
+    return list(value) if isinstance(value, (list, tuple)) else [float(value)] * NUM_LAYERS
+
+
+def test_rho0_equals_stock_vllm(llm):
+    """Requests without localist data run vLLM's stock kernel; ρ = 0 requests the localist path."""
+    prompts = [prompt(n, s) for s, n in enumerate([12, 30, 70, 130])]
+    stock = run(llm, [(p, None) for p in prompts])
+    dialled = run(llm, [(p, LocalistParams(rho_for(0.0), layout(len(p), i), f"z{i}")) for i, p in enumerate(prompts)])
+    assert dialled == stock
+    for i in range(len(prompts)):
+        fetch_stats_sync(llm, f"z{i}", release=True)
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.5, 0.9, 1.0, [0.0, 0.8, 0.95]], ids=str)
+@pytest.mark.parametrize("n", [30, 150], ids=["prefill", "chunked"])
+def test_matches_reference(llm, ref, rho, n):
+    ids = prompt(n, n)
+    params = LocalistParams(rho_for(rho), layout(n, 7), f"ref-{n}-{rho}")
+    tokens = run(llm, [(ids, params)])[0]
+    want_tokens, want = reference(ref, ids, params)
+    assert tokens == want_tokens
+    got = fetch_stats_sync(llm, params.request_id, release=True)
+    assert got.mass.shape == want.mass.shape == (MAX_TOKENS, NUM_LAYERS, 4, params.table(n).num_blocks)
+    assert torch.allclose(got.mass, want.mass, atol=1e-3)
+    assert torch.allclose(got.inner_entropy, want.inner_entropy, atol=1e-3)
+    finite = torch.isfinite(want.log_mass)
+    assert torch.equal(finite, torch.isfinite(got.log_mass))
+    assert torch.allclose(got.log_mass[finite], want.log_mass[finite], atol=1e-3)
+
+
+def test_mixed_batch_equals_solo_runs(llm):
+    """Ten concurrent requests — different ρ, per-layer ρ, layouts, lengths, one stock — each as if alone."""
+    dials = [0.0, 0.3, 0.6, 0.9, 1.0, [0.2, 0.9, 0.5], 0.75, [1.0, 0.0, 0.4], 0.5]
+    requests = []
+    for i, d in enumerate(dials):
+        n = 20 + 17 * i
+        requests.append((prompt(n, 100 + i), LocalistParams(rho_for(d), layout(n, i), f"mix-{i}")))
+    requests.append((prompt(64, 99), None))
+    together = run(llm, requests)
+    stats_together = [fetch_stats_sync(llm, lp.request_id, release=True) for _, lp in requests[:-1]]
+    for i, (req, tokens) in enumerate(zip(requests, together)):
+        assert run(llm, [req]) == [tokens], f"request {i}"
+        if req[1] is not None:
+            solo = fetch_stats_sync(llm, req[1].request_id, release=True)
+            assert torch.allclose(solo.mass, stats_together[i].mass, atol=1e-5)
+            assert torch.allclose(solo.inner_entropy, stats_together[i].inner_entropy, atol=1e-4)
+
+
+def test_metrics_satisfy_spec_identities(llm):
+    n = 90
+    ids = prompt(n, 5)
+    rho = [0.4, 0.7, 0.9]
+    params = LocalistParams(rho, layout(n, 3), "ident")
+    run(llm, [(ids, params)])
+    st = fetch_stats_sync(llm, "ident", release=True)
+    table = params.table(n)
+    target = table.candidates().index(True)
+    pinned = torch.tensor(table.pinned())
+    # Attribution is a distribution over blocks.
+    assert torch.allclose(st.mass.sum(-1), torch.ones(st.mass.shape[:-1]), atol=1e-5)
+    assert (st.mass >= 0).all()
+    # π^ρ is the dial applied to the block log-masses of the same query (SPEC §2) …
+    rho_t = torch.tensor(rho).view(1, -1, 1)
+    assert torch.allclose(st.mass, dial_mass(st.log_mass, rho_t, pinned), atol=1e-5)
+    # … so pinned blocks keep their base mass (the sink), whatever ρ.
+    base = torch.softmax(st.log_mass, -1)
+    assert torch.allclose(st.mass[..., pinned], base[..., pinned], atol=1e-5)
+    # Entropy decomposition: H(a) = H(π) + Σ π H(w) lies between H(π) and H(π) + ln(#visible keys).
+    H_pi = -(st.mass * st.mass.clamp(min=1e-30).log()).sum(-1)
+    H_a = H_pi + (st.mass * st.inner_entropy).sum(-1)
+    seq = torch.arange(MAX_TOKENS) + n
+    assert (H_a >= H_pi - 1e-6).all()
+    assert (H_a <= H_pi + seq.log().view(-1, 1, 1) + 1e-5).all()
+    # Within-block entropy never exceeds ln of the block's visible size.
+    sizes = torch.tensor([b.end - b.start for b in table.blocks], dtype=torch.float32)
+    sizes = sizes.expand(MAX_TOKENS, -1).clone()
+    sizes[:, -1] = seq.float() - n + 1  # the response block holds the tokens generated so far
+    assert (st.inner_entropy <= sizes.log().view(MAX_TOKENS, 1, 1, -1) + 1e-5).all()
+    # Pointer fidelity F = π(t)/c lies in [0, 1] for every (token, layer, head).
+    cand = torch.tensor(table.candidates())
+    c = st.mass[..., cand].sum(-1)
+    F = st.mass[..., target] / c
+    assert ((F >= 0) & (F <= 1 + 1e-6)).all()
+
+
+def test_prefix_cache_salt_keeps_dials_apart(llm, ref):
+    """ρ = 0 then ρ = 0.9 on the same long prompt: the salt stops the second reusing the first's K/V."""
+    ids = prompt(200, 42)
+    spans = layout(200, 42)
+    base = LocalistParams(rho_for(0.0), spans, "salt-0")
+    sharp = LocalistParams(rho_for(0.9), spans, "salt-9")
+    assert cache_salt(base) is None and cache_salt(sharp) is not None
+    assert cache_salt(sharp) == cache_salt(LocalistParams(rho_for(0.9), spans, "other-id"))
+    assert cache_salt(sharp) != cache_salt(LocalistParams(rho_for(0.8), spans, "x"))
+    for params in (base, sharp, sharp):  # the third run reuses the second's cache within its salt
+        salt = cache_salt(params)
+        p = {"prompt_token_ids": ids, **({"cache_salt": salt} if salt else {})}
+        out = llm.generate([p], sampling(params), use_tqdm=False)[0]
+        want_tokens, _ = reference(ref, ids, params)
+        assert list(out.outputs[0].token_ids) == want_tokens
+        fetch_stats_sync(llm, params.request_id, release=True)
+
+
+def test_streaming_fetch_and_release(llm):
+    ids = prompt(40, 8)
+    params = LocalistParams(rho_for(0.6), layout(40, 8), "stream")
+    run(llm, [(ids, params)])
+    first = fetch_stats_sync(llm, "stream", since=0)
+    tail = fetch_stats_sync(llm, "stream", since=5)
+    assert first.num_tokens == tail.num_tokens == MAX_TOKENS
+    assert torch.equal(tail.mass, first.mass[5:])
+    fetch_stats_sync(llm, "stream", release=True)
+    assert fetch_stats_sync(llm, "stream").num_tokens == 0  # freed in the worker
+
+
+def test_bad_params_are_rejected_naming_the_field(llm):
+    ids = prompt(20, 1)
+    cases = {
+        "localist.rho": json.dumps({"id": "bad", "rho": 1.5, "blocks": []}),
+        "localist.blocks[0]": json.dumps({"id": "bad", "rho": 0.5, "blocks": [[5, 3, "rule"]]}),
+        "localist": "{not json",
+    }
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError  # what vLLM's server turns into HTTP 400
+
+    for name, raw in cases.items():
+        with pytest.raises(VLLMValidationError, match=name.replace("[", r"\[").replace("]", r"\]")):
+            llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=2, extra_args={"localist": raw}),
+                         use_tqdm=False)
+
+
+def test_spans_past_the_prompt_run_stock_and_report_the_error(llm):
+    """Only the worker knows the prompt length: the request is served stock and its record says why."""
+    ids = prompt(20, 2)
+    params = LocalistParams(rho_for(0.5), [[3, 60, "rule"]], "late")
+    assert run(llm, [(ids, params)]) == run(llm, [(ids, None)])
+    with pytest.raises(BlockError, match=r"localist.blocks\[0\]"):
+        fetch_stats_sync(llm, "late", release=True)
+
+
+# ---- the row table on its own (the logits processor is a plain object) ---------------------------
+
+
+class _Params:
+    def __init__(self, payload):
+        self.extra_args = {"localist": json.dumps(payload)} if payload is not None else None
+
+
+def test_row_table_follows_batch_updates():
+    from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
+
+    WORKER.num_layers = 2
+    proc = LocalistRowState.__new__(LocalistRowState)
+    WORKER.rows.clear()
+    add = lambda i, rid, n: (i, _Params({"id": rid, "rho": 0.5, "blocks": [[1, 3, "rule"]]}), list(range(n)), [])  # noqa: E731
+    proc.update_state(BatchUpdate(3, removed=[], added=[add(0, "a", 5), add(1, "b", 6), (2, _Params(None), [1, 2], [])],
+                                  moved=[]))
+    assert {i: s.request_id for i, s in WORKER.rows.items()} == {0: "a", 1: "b"}
+    proc.update_state(BatchUpdate(2, removed=[0], added=[], moved=[(1, 0, MoveDirectionality.UNIDIRECTIONAL)]))
+    assert {i: s.request_id for i, s in WORKER.rows.items()} == {0: "b"}
+    proc.update_state(BatchUpdate(2, removed=[], added=[add(1, "c", 4)], moved=[(0, 1, MoveDirectionality.SWAP)]))
+    assert {i: s.request_id for i, s in WORKER.rows.items()} == {0: "c", 1: "b"}
+    state = WORKER.rows[1]
+    assert state.block_ids(9).tolist() == [0, 1, 1, 2, 2, 2, 3, 3, 3]  # past the prompt: the response block
+    WORKER.rows.clear()
+
+
+def test_records_of_departed_requests_expire():
+    store = _WorkerState()
+    store.add_token_stats("gone", 0, torch.zeros(1), torch.zeros(1), torch.zeros(1))
+    store.add_token_stats("live", 0, torch.zeros(1), torch.zeros(1), torch.zeros(1))
+    store.records["gone"].left_at = 0.0
+    store.expire(now=math.inf)
+    assert set(store.records) == {"live"}
