@@ -160,6 +160,10 @@ class StoreContract:
             store.list_records(tenant="acme", cursor="not-a-cursor")
         with pytest.raises(RecordError, match="limit"):
             store.list_records(tenant="acme", limit=0)
+        with pytest.raises(RecordError, match="status: must be one of"):
+            store.list_records(tenant="acme", status="done")
+        with pytest.raises(RecordError, match="kind: must be one of"):
+            store.list_records(tenant="acme", kind="requests")
 
     def test_tenant_isolation(self, store):
         store.record(make_record(1, tenant="acme"))
@@ -451,6 +455,23 @@ class TestSqlite(StoreContract):
             "req-acme-1",)
         fresh.close()
         holder.close()
+
+    async def test_cancelled_arecord_is_still_written(self, store, url):
+        """A client that hangs up mid-request must not erase its audit record."""
+        import sqlite3
+
+        holder = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        task = asyncio.ensure_future(store.arecord(make_record(7)))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        holder.execute("COMMIT")
+        holder.close()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        receipt = await asyncio.wait_for(store.arecord(make_record(8)), 30)  # the writer survived
+        assert receipt.seq == 2
+        assert store.get_record("req-acme-7", tenant="acme")["seq"] == 1
 
     async def test_async_facade(self, store):
         receipts = await asyncio.gather(*[store.arecord(make_record(i)) for i in range(10)])

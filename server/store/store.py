@@ -32,7 +32,7 @@ from sqlalchemy.exc import IntegrityError
 from . import keys as keymod
 from .keys import ApiKey
 from .records import (
-    Entry, Header, RecordError, check_str, link_hash, make_entry, request_entry, sha256_hex, MAX_TENANT,
+    KINDS, STATUSES, Entry, Header, RecordError, check_str, link_hash, make_entry, request_entry, sha256_hex, MAX_TENANT,
 )
 from .schema import (
     GENESIS_HASH, api_keys, audit_payloads, audit_record_blocks, audit_records, chain_head, chain_signatures,
@@ -110,6 +110,18 @@ def _to_us(value: Any, name: str) -> int | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise RecordError(f"{name}: must be a datetime or unix seconds, got {value!r}")
     return int(round(value * 1_000_000))
+
+
+def _resolve(fut: concurrent.futures.Future, result: Any = None, error: BaseException | None = None) -> None:
+    """Settle an arecord future. A caller that stopped waiting (cancelled) still gets its record
+    written: every request is audited; only the answer goes nowhere."""
+    try:
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result)
+    except concurrent.futures.InvalidStateError:
+        pass
 
 
 def _encode_cursor(seq: int) -> str:
@@ -310,28 +322,24 @@ class AuditStore:
                 try:
                     pending.append((request_entry(record), fut))
                 except Exception as e:
-                    fut.set_exception(e)
+                    _resolve(fut, error=e)
             if not pending:
                 continue
             try:
                 receipts = self._append_entries([e for e, _ in pending])
             except RecordError:  # a duplicate id: commit the others one by one
                 for entry, fut in pending:
-                    self._settle(fut, self._append_entries, [entry])
+                    try:
+                        _resolve(fut, self._append_entries([entry])[0])
+                    except Exception as e:
+                        _resolve(fut, error=e)
                 continue
             except Exception as e:
                 for _, fut in pending:
-                    fut.set_exception(e)
+                    _resolve(fut, error=e)
                 continue
             for (_, fut), receipt in zip(pending, receipts):
-                fut.set_result(receipt)
-
-    @staticmethod
-    def _settle(fut: concurrent.futures.Future, fn, entries) -> None:
-        try:
-            fut.set_result(fn(entries)[0])
-        except Exception as e:
-            fut.set_exception(e)
+                _resolve(fut, receipt)
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -389,17 +397,21 @@ class AuditStore:
         c = audit_records.c
         where = [self._tenant_clause(tenant)]
         if kind is not None:
+            if kind not in KINDS:
+                raise RecordError(f"kind: must be one of {', '.join(KINDS)} or null, got {kind!r}")
             where.append(c.kind == kind)
         if (since_us := _to_us(since, "since")) is not None:
             where.append(c.created_us >= since_us)
         if (until_us := _to_us(until, "until")) is not None:
             where.append(c.created_us < until_us)
-        for value, name in ((model, "model"), (status, "status"), (block, "block")):
+        for value, name in ((model, "model"), (block, "block")):
             if value is not None:
                 check_str(value, name, 256)
         if model is not None:
             where.append(c.model == model)
         if status is not None:
+            if status not in STATUSES:
+                raise RecordError(f"status: must be one of {', '.join(STATUSES)}, got {status!r}")
             where.append(c.status == status)
         for value, name, col, op in ((rho_min, "rho_min", c.rho_min, "ge"), (rho_max, "rho_max", c.rho_max, "le"),
                                      (fidelity_min, "fidelity_min", c.fidelity, "ge"),
