@@ -37,7 +37,7 @@ def make_record(i: int, tenant: str = "acme", **over) -> dict:
             "blocks": [{"label": "sys"}, {"label": f"doc-{i % 3}"}], "params": {"max_tokens": 8 + i},
         },
         "output": {"text": f"answer {i}", "token_ids": [i, i + 1], "finish_reason": "stop"},
-        "metrics": {"pointer_fidelity": None if i % 7 == 6 else (i % 10) / 10, "entropy_bits": 1.5 + i},
+        "metrics": {"fidelity": None if i % 7 == 6 else (i % 10) / 10, "entropy_bits": 1.5 + i},
         "timestamps": {"received": 1.7e9 + i, "finished": 1.7e9 + i + 0.25},
         "replay": {"prompt_token_ids": [1, 2, 3, i], "block_spans": [[0, 1, "sink", 1, 0, "sink"], [1, 4, "document", 0, 0, "doc"]], "seed": i,
                    "tokenizer_hash": "tok", "chat_template_hash": "tpl", "versions": {"localist": "0.1.0"}},
@@ -151,7 +151,7 @@ class StoreContract:
             r["id"] for r in reversed(acme) if rho_range(r)[0] >= 0.2 - 1e-12 and rho_range(r)[1] <= 0.5 + 1e-12]
         assert ids(fidelity_min=0.5, fidelity_max=0.8) == [
             r["id"] for r in reversed(acme)
-            if r["metrics"]["pointer_fidelity"] is not None and 0.5 <= r["metrics"]["pointer_fidelity"] <= 0.8]
+            if r["metrics"]["fidelity"] is not None and 0.5 <= r["metrics"]["fidelity"] <= 0.8]
         all_rows = store.list_records(tenant="acme", limit=1000).records
         mid = all_rows[len(all_rows) // 2]["created_us"]
         assert ids(since=mid / 1e6) == [r["id"] for r in all_rows if r["created_us"] >= mid]
@@ -499,7 +499,7 @@ class TestSqlite(StoreContract):
     (lambda r: r["request"].pop("model"), "request.model"),
     (lambda r: r["request"].pop("weights_hash"), "request.weights_hash"),
     (lambda r: r["request"].update(blocks=[{"label": "a"}, {"start": 0}]), "request.blocks[1].label"),
-    (lambda r: r["metrics"].update(pointer_fidelity=1.2), "metrics.pointer_fidelity"),
+    (lambda r: r["metrics"].update(fidelity=1.2), "metrics.fidelity"),
     (lambda r: r["metrics"].update(entropy_bits=float("nan")), "record.metrics.entropy_bits"),
     (lambda r: r["output"].update(token_ids=[1, object()]), "record.output.token_ids[1]"),
     (lambda r: r["timestamps"].update(finished="late"), "timestamps.finished"),
@@ -523,3 +523,74 @@ def test_unsupported_urls_are_refused(tmp_path):
         AuditStore("mysql://x/y")
     with pytest.raises(ValueError, match="sign_interval_s: needs signing_key_path"):
         AuditStore(f"sqlite:///{tmp_path / 'a.db'}", sign_interval_s=1)
+
+
+# -- any single edit, anywhere, is reported at exactly its record -------------------------------
+
+HASHED_COLUMNS = ["record_id", "kind", "tenant", "created_us", "status", "model", "rho_min", "rho_max", "fidelity",
+                  "payload_hash", "content_hash", "prev_hash", "chain_hash", "body", "label"]
+
+
+@pytest.fixture(scope="module")
+def template_db(tmp_path_factory):
+    """Twelve signed records in an SQLite file that each example copies (the sqlite3 backup API)."""
+    import sqlite3
+
+    path = tmp_path_factory.mktemp("template") / "audit.db"
+    with AuditStore(f"sqlite:///{path}", signing_key_path=path.with_suffix(".pem"), create_signing_key=True) as s:
+        for i in range(12):
+            s.record(make_record(i))
+    src = sqlite3.connect(path)
+    yield src, path.with_suffix(".pem")
+    src.close()
+
+
+def _forged_value(draw, column, old):
+    from hypothesis import strategies as st
+
+    if column in ("created_us",):
+        return draw(st.integers(0, 2**62).filter(lambda v: v != old))
+    if column in ("rho_min", "rho_max", "fidelity"):
+        return draw(st.one_of(st.none(), st.floats(0, 1)).filter(lambda v: v != old))
+    if column == "status":
+        return draw(st.sampled_from([None, "completed", "aborted", "failed"]).filter(lambda v: v != old))
+    return "forged-" + draw(st.text(min_size=0, max_size=12))
+
+
+def test_any_single_edit_is_reported_at_its_seq(template_db, tmp_path_factory):
+    """Property (hypothesis): change one hashed field, payload or block label of any record to any
+    other value; verify names exactly that record as the first broken link."""
+    import sqlite3
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    src, key = template_db
+    workdir = tmp_path_factory.mktemp("edits")
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(seq=st.integers(1, 12), column=st.sampled_from(HASHED_COLUMNS), data=st.data())
+    def check(seq, column, data):
+        path = workdir / "copy.db"
+        for suffix in ("", "-wal", "-shm"):
+            (workdir / f"copy.db{suffix}").unlink(missing_ok=True)
+        dst = sqlite3.connect(path)
+        src.backup(dst)
+        if column == "body":
+            old = dst.execute("SELECT body FROM audit_payloads WHERE seq = ?", (seq,)).fetchone()[0]
+            new = old.replace('"answer', '"' + _forged_value(data.draw, column, old))
+            dst.execute("UPDATE audit_payloads SET body = ? WHERE seq = ?", (new, seq))
+        elif column == "label":
+            new = _forged_value(data.draw, column, None)
+            dst.execute("UPDATE audit_record_blocks SET label = ? WHERE seq = ? AND label = 'sys'", (new, seq))
+        else:
+            old = dst.execute(f"SELECT {column} FROM audit_records WHERE seq = ?", (seq,)).fetchone()[0]
+            new = _forged_value(data.draw, column, old)
+            dst.execute(f"UPDATE audit_records SET {column} = ? WHERE seq = ?", (new, seq))
+        dst.commit()
+        dst.close()
+        with AuditStore(f"sqlite:///{path}", signing_key_path=key) as store:
+            report = store.verify()
+        assert not report.ok and report.first_broken.seq == seq, (column, report.first_broken)
+
+    check()

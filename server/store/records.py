@@ -8,7 +8,7 @@ A request record (keys; anything else is an error naming the key):
   request     {model: str, weights_hash: str, rho: float | [float per layer] in [0, 1],
                blocks: [{label: str, ...}] (Block.to_dict()), params: {...}, ...}, required
   output      {...} | None           (text, token ids, finish reason: whatever the server returns)
-  metrics     {pointer_fidelity: float in [0, 1] | None, ...} | None   (ResponseMetrics.to_dict())
+  metrics     {fidelity: float in [0, 1] | None (the response's pointer fidelity), ...} | None
   timestamps  {name: unix seconds | None}
   replay      {prompt_token_ids: [int], block_spans: BlockTable.to_wire(), seed: int | None, tokenizer_hash: str,
                chat_template_hash: str | None, versions: {name: str}, ...} | None
@@ -215,8 +215,8 @@ def request_entry(record: Any) -> Entry:
     check_dict(request.get("params"), "request.params")
     check_dict(record.get("output"), "output")
     metrics = check_dict(record.get("metrics"), "metrics") or {}
-    fidelity = metrics.get("pointer_fidelity")
-    fidelity = None if fidelity is None else _number(fidelity, "metrics.pointer_fidelity", 0.0, 1.0)
+    fidelity = metrics.get("fidelity")
+    fidelity = None if fidelity is None else _number(fidelity, "metrics.fidelity", 0.0, 1.0)
     for name, ts in (check_dict(record.get("timestamps"), "timestamps") or {}).items():
         if ts is not None:
             _number(ts, f"timestamps.{name}", 0.0, math.inf)
