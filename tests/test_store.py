@@ -348,6 +348,34 @@ class StoreContract:
         # The contradicted record is ci's last key record (seq 4: the revocation), or past the head.
         assert report.first_broken.seq == (5 if "planted" in sql else 4)
 
+    def test_verify_one_record_up_to_its_checkpoint(self, signed):
+        store, engine = signed
+        proof = store.verify_record("req-acme-3", tenant="acme")
+        assert (proof.ok, proof.seq, proof.checkpoint_seq, proof.links_checked) == (True, 4, 10, 7)
+        unsigned = store.verify_record("req-acme-10", tenant="acme")
+        assert (unsigned.ok, unsigned.checkpoint_seq, unsigned.links_checked) == (True, None, 2)
+        with pytest.raises(NotFound):
+            store.verify_record("req-acme-3", tenant="globex")
+        store.redact("req-acme-5", tenant="acme", reason="erasure")
+        redacted = store.verify_record("req-acme-5", tenant="acme")
+        assert redacted.ok and redacted.redacted and redacted.checkpoint_seq == 10
+        with engine.begin() as conn:
+            conn.execute(sa.text("DELETE FROM audit_payloads WHERE seq = 3"))
+        assert store.verify_record("req-acme-2", tenant="acme").reason == "payload deleted without a redaction record"
+        with engine.begin() as conn:
+            conn.execute(sa.text("UPDATE audit_records SET prev_hash = chain_hash WHERE seq = 7"))
+        broken = store.verify_record("req-acme-3", tenant="acme")
+        assert (broken.ok, broken.reason) == (False, "the link at record 7 is broken")
+        with engine.begin() as conn:
+            conn.execute(sa.text("UPDATE audit_records SET model = 'rewritten' WHERE seq = 2"))
+            rehash_chain(conn)
+        assert store.verify_record("req-acme-3", tenant="acme", public_keys=[]).ok  # no key: the chain alone
+        rewritten = store.verify_record("req-acme-3", tenant="acme")
+        assert not rewritten.ok and "signed checkpoint at seq 10" in rewritten.reason
+        with engine.begin() as conn:
+            conn.execute(sa.text("UPDATE audit_records SET model = 'edited' WHERE seq = 4"))
+        assert store.verify_record("req-acme-3", tenant="acme").reason.startswith("content altered")
+
     # -- redaction, retention, signing ---------------------------------------------------------
 
     def test_redaction_and_retention_keep_the_chain_valid(self, store):

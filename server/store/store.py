@@ -91,6 +91,19 @@ class VerifyReport:
 
 
 @dataclass(frozen=True)
+class RecordProof:
+    """One record checked on its own: its hashes, and the links from it to the next signed checkpoint."""
+
+    ok: bool
+    record_id: str
+    seq: int
+    reason: str | None  # why not ok
+    redacted: bool
+    checkpoint_seq: int | None  # the trusted checkpoint that commits to it; None: not signed yet
+    links_checked: int
+
+
+@dataclass(frozen=True)
 class Page:
     records: list[dict]
     next_cursor: str | None
@@ -593,11 +606,7 @@ class AuditStore:
         against the key records; report the first broken link. Trusted keys: ``public_keys`` (key objects, PEM bytes or files), else this
         store's own signing key. ``checkpoints`` adds signed checkpoints kept outside the
         database (``read_checkpoint_log``); a checkpoint beyond the last record means deletion."""
-        if public_keys is None:
-            trusted_keys = [self._signing_key.public_key()] if self._signing_key is not None else []
-        else:
-            trusted_keys = [load_public_key(k) for k in public_keys]
-        trusted = {key_id(k): k for k in trusted_keys}
+        trusted = self._trusted(public_keys)
         issues: list[BrokenLink] = []
         conn_opts = {"isolation_level": "REPEATABLE READ"} if self.backend == "postgresql" else {}
         with self._engine.connect().execution_options(**conn_opts) as conn, conn.begin():
@@ -669,6 +678,67 @@ class AuditStore:
         first = min(issues, key=lambda b: b.seq) if issues else None
         return VerifyReport(first is None, checked, head.seq, head.chain_hash, first, signed_seq, valid,
                             untrusted, len(missing) - sum(1 for s in missing if s not in covered))
+
+    def verify_record(self, record_id: str, *, tenant, public_keys: Iterable[Any] | None = None,
+                      checkpoints: Iterable[Checkpoint] = ()) -> RecordProof:
+        """Check one record without reading the whole chain: its content and payload hashes, then
+        each link from it up to the first trusted signed checkpoint at or after it (the signature
+        commits to everything before it). Cost: the records between it and that checkpoint."""
+        trusted = self._trusted(public_keys)
+        with self._engine.connect() as conn:
+            r = conn.execute(sa.select(audit_records).where(
+                audit_records.c.record_id == record_id, self._tenant_clause(tenant))).first()
+            if r is None:
+                raise NotFound(f"record {record_id!r}: no such record")
+            labels = conn.execute(sa.select(audit_record_blocks.c.label).where(
+                audit_record_blocks.c.seq == r.seq)).scalars().all()
+            body = conn.execute(sa.select(audit_payloads.c.body).where(audit_payloads.c.seq == r.seq)).scalar()
+            prev = conn.execute(sa.select(audit_records.c.chain_hash).where(
+                audit_records.c.seq == r.seq - 1)).scalar() if r.seq > 1 else GENESIS_HASH
+
+            def proof(ok: bool, reason: str | None = None, cp: int | None = None, n: int = 1) -> RecordProof:
+                return RecordProof(ok, r.record_id, r.seq, reason, body is None, cp, n)
+
+            if prev is None:
+                return proof(False, f"record {r.seq - 1} is missing")
+            problem = self._check_row(r, r.seq, prev, labels, body)
+            if problem is not None:
+                return proof(False, problem)
+            if body is None and not any(
+                    r.seq in self._covers(seq, orjson.loads(note)) for seq, note in conn.execute(
+                        sa.select(audit_payloads.c.seq, audit_payloads.c.body).join(audit_records).where(
+                            audit_records.c.seq > r.seq, audit_records.c.kind.in_(("redaction", "retention"))))):
+                return proof(False, "payload deleted without a redaction record")
+            candidates = sorted([Checkpoint(c.seq, c.chain_hash, c.signed_us, c.key_id, c.signature)
+                                 for c in conn.execute(sa.select(chain_signatures).where(
+                                     chain_signatures.c.seq >= r.seq))]
+                                + [c for c in checkpoints if c.seq >= r.seq], key=lambda c: c.seq)
+            anchor = next((c for c in candidates if c.key_id in trusted and c.valid_under(trusted[c.key_id])), None)
+            end = anchor.seq if anchor is not None else None
+            q = sa.select(audit_records.c.seq, audit_records.c.prev_hash, audit_records.c.content_hash,
+                          audit_records.c.chain_hash).where(audit_records.c.seq > r.seq).order_by(audit_records.c.seq)
+            if end is not None:
+                q = q.where(audit_records.c.seq <= end)
+            seq, chain, n = r.seq, r.chain_hash, 1
+            for link in conn.execute(q):
+                if link.seq != seq + 1:
+                    return proof(False, f"record {seq + 1} is missing", n=n)
+                if link.prev_hash != chain or link_hash(link.seq, link.prev_hash, link.content_hash) != link.chain_hash:
+                    return proof(False, f"the link at record {link.seq} is broken", n=n)
+                seq, chain, n = link.seq, link.chain_hash, n + 1
+            if anchor is None:
+                return proof(True, n=n)
+            if seq != anchor.seq or chain != anchor.chain_hash:
+                return proof(False, f"differs from the signed checkpoint at seq {anchor.seq}: the chain was rewritten",
+                             n=n)
+            return proof(True, cp=anchor.seq, n=n)
+
+    def _trusted(self, public_keys: Iterable[Any] | None) -> dict[str, Any]:
+        if public_keys is None:
+            keys = [self._signing_key.public_key()] if self._signing_key is not None else []
+        else:
+            keys = [load_public_key(k) for k in public_keys]
+        return {key_id(k): k for k in keys}
 
     @staticmethod
     def _check_row(r, expected: int, prev: str, labels: Iterable[str], body: str | None) -> str | None:
@@ -742,6 +812,9 @@ class AuditStore:
 
     async def asign_head(self) -> Checkpoint | None:
         return await asyncio.to_thread(self.sign_head)
+
+    async def averify_record(self, record_id: str, **kwargs) -> RecordProof:
+        return await asyncio.to_thread(lambda: self.verify_record(record_id, **kwargs))
 
     async def averify(self, **kwargs) -> VerifyReport:
         return await asyncio.to_thread(lambda: self.verify(**kwargs))
