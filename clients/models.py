@@ -10,9 +10,11 @@ field without breaking an older client.
 """
 from __future__ import annotations
 
+import types
+import typing
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 AuditLevel = Literal["summary", "per_token", "per_layer"]
 Preset = Literal["distributed", "balanced", "localist"]
@@ -20,8 +22,24 @@ RecordStatus = Literal["completed", "aborted", "failed"]
 FinishReason = Literal["stop", "length", "abort"]
 
 
+def _nullable(annotation: Any) -> bool:
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in typing.get_args(annotation)
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _absent_is_null(cls, data: Any) -> Any:
+        """The server's SSE events omit null fields (``exclude_none``, as OpenAI does): read an absent
+        nullable field as null rather than refuse the event."""
+        if isinstance(data, dict):
+            absent = [name for name, f in cls.model_fields.items()
+                      if f.is_required() and name not in data and _nullable(f.annotation)]
+            if absent:
+                data = {**data, **dict.fromkeys(absent)}
+        return data
 
 
 # --------------------------------------------------------------------------- errors
@@ -339,8 +357,9 @@ class AuditRecord(AuditSummary):
     replay: dict[str, Any] | None = None
 
     def localist(self) -> LocalistResult | None:
-        """The stored ``localist`` object, typed (None for a failed or redacted record)."""
-        return LocalistResult.model_validate(self.metrics) if self.metrics else None
+        """The ``localist`` object the caller got, typed (None for a failed, aborted or redacted record)."""
+        stored = (self.metrics or {}).get("localist")
+        return LocalistResult.model_validate(stored) if stored else None
 
 
 class AuditList(_Model):
