@@ -275,6 +275,7 @@ def prepare(engine: Engine, req: S.ChatCompletionRequest | S.CompletionRequest, 
             stop=stop,
             max_tokens=max_tokens,
             logprobs=logprobs,
+            ignore_eos=req.ignore_eos,
             extra_args={"localist": lp.to_json()},
         )
         choices.append((engine_id, params))

@@ -114,6 +114,8 @@ class _Sampling(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    ignore_eos: bool = Field(False, description="vLLM extension: keep generating past end-of-sequence "
+                             "(benchmarks, load tests).")
 
 
 class ChatCompletionRequest(LocalityFields, _Sampling):

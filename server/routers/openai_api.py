@@ -101,6 +101,7 @@ class Run:
                 "params": {
                     "n": req.n, "temperature": params.temperature, "top_p": params.top_p, "seed": req.seed,
                     "max_tokens": params.max_tokens, "stop": params.stop, "logprobs": params.logprobs,
+                    "ignore_eos": params.ignore_eos,
                     "presence_penalty": params.presence_penalty, "frequency_penalty": params.frequency_penalty,
                 },
                 "body": req.model_dump(mode="json", exclude_none=True),
