@@ -412,7 +412,10 @@ class StoreContract:
         with AuditStore(url) as store:
             report = store.verify(public_keys=[key])
             assert report.ok and report.signed_seq == 6  # close() signed the final head
-        assert read_checkpoint_log(tmp_path / "cp.jsonl")[-1].seq == 6
+        log = read_checkpoint_log(tmp_path / "cp.jsonl")
+        assert log[-1].seq == 6 and [cp.seq for cp in log].count(6) == 1
+        AuditStore(url, signing_key_path=key, checkpoint_log=tmp_path / "cp.jsonl").close()
+        assert len(read_checkpoint_log(tmp_path / "cp.jsonl")) == len(log)  # the head was already signed
 
     # -- API keys ------------------------------------------------------------------------------
 

@@ -173,6 +173,11 @@ class AuditStore:
     def __init__(self, url: str, *, signing_key_path: str | os.PathLike | None = None,
                  create_signing_key: bool = False, checkpoint_log: str | os.PathLike | None = None,
                  sign_interval_s: float | None = None, busy_timeout_s: float = 60.0):
+        if sign_interval_s is not None:
+            if signing_key_path is None:
+                raise ValueError("sign_interval_s: needs signing_key_path")
+            if sign_interval_s <= 0:
+                raise ValueError(f"sign_interval_s: must be > 0, got {sign_interval_s}")
         sa_url = make_url(url)
         if sa_url.drivername in ("postgresql", "postgres"):
             sa_url = sa_url.set(drivername="postgresql+psycopg")
@@ -198,14 +203,9 @@ class AuditStore:
         self._writer_lock = threading.Lock()
         self._stop = threading.Event()
         self._signer: threading.Thread | None = None
-        self._last_signed_seq = 0
         self._closed = False
         self._migrate()
         if sign_interval_s is not None:
-            if self._signing_key is None:
-                raise ValueError("sign_interval_s: needs signing_key_path")
-            if sign_interval_s <= 0:
-                raise ValueError(f"sign_interval_s: must be > 0, got {sign_interval_s}")
             self._signer = threading.Thread(target=self._sign_loop, args=(sign_interval_s,),
                                             name="localist-audit-signer", daemon=True)
             self._signer.start()
@@ -240,9 +240,10 @@ class AuditStore:
 
     def close(self) -> None:
         """Drain the async writer, sign the final head (when a key is set), release connections."""
-        if self._closed:
-            return
-        self._closed = True
+        with self._writer_lock:
+            if self._closed:
+                return
+            self._closed = True
         self._stop.set()
         if self._writer is not None:
             self._queue.put(None)
@@ -584,13 +585,16 @@ class AuditStore:
                 signature=cp.signature))
         if self._checkpoint_log is not None:
             append_checkpoint_log(self._checkpoint_log, cp)
-        self._last_signed_seq = cp.seq
         return cp
 
     def _sign_if_moved(self) -> None:
+        """Sign unless this key already signed the head (replicas sharing a key sign it once)."""
+        kid = key_id(self._signing_key.public_key())
         with self._engine.connect() as conn:
-            seq = conn.execute(sa.select(chain_head.c.seq)).scalar_one()
-        if seq > self._last_signed_seq:
+            head = conn.execute(sa.select(chain_head.c.seq)).scalar_one()
+            signed = conn.execute(sa.select(sa.func.max(chain_signatures.c.seq))
+                                  .where(chain_signatures.c.key_id == kid)).scalar()
+        if head > (signed or 0):
             self.sign_head()
 
     def _sign_loop(self, interval: float) -> None:
