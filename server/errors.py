@@ -39,16 +39,19 @@ class ApiError(Exception):
                           "param": self.param, "code": self.code}}
 
 
+_TYPE_TAGS = {"float", "int", "str", "bool", "list", "dict", "none", "bytes", "literal"}
+
+
 def _loc_to_param(loc: tuple) -> str | None:
-    """('body', 'messages', 0, 'content') → 'messages[0].content'; pydantic's union tags are dropped."""
+    """('body', 'messages', 0, 'content') → 'messages[0].content'; pydantic's union member tags
+    ('float', 'list[float]', "literal['a','b']", 'function-after[...]') are dropped."""
     parts = list(loc[1:]) if loc and loc[0] in ("body", "query", "path", "header") else list(loc)
     out = ""
     for p in parts:
         if isinstance(p, int):
             out += f"[{p}]"
-        elif isinstance(p, str) and (p[:1].islower() or p.startswith("_")) and "[" not in p and "-" not in p:
+        elif p not in _TYPE_TAGS and not any(c in p for c in "[-'("):
             out += ("." if out else "") + p
-        # other strings are union member tags such as 'list[float]' or 'function-after[...]'
     return out or None
 
 
