@@ -68,14 +68,18 @@ def rehash_chain(conn) -> None:
 
 
 PROCESS_WRITER = textwrap.dedent("""
+    import asyncio
     import sys
     sys.path.insert(0, sys.argv[4])
     from test_store import make_record
     from localist.server.store import AuditStore
     url, tenant, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
     with AuditStore(url) as store:  # every process migrates the (possibly empty) database on open
-        for i in range(n):
+        for i in range(n // 2):
             store.record(make_record(i, tenant=tenant))
+        async def rest():  # and the async writer, as the server uses it
+            await asyncio.gather(*[store.arecord(make_record(i, tenant=tenant)) for i in range(n // 2, n)])
+        asyncio.run(rest())
 """)
 
 
@@ -198,6 +202,34 @@ class StoreContract:
         assert report.checked == report.head_seq == 150
         assert sorted(r.seq for r in receipts) == sorted(set(r.seq for r in receipts))
         assert len(store.list_records(tenant=ALL_TENANTS, limit=1000).records) == 150
+
+    def test_racing_revokes_and_redactions_are_ordered(self, store):
+        """Eight threads revoke one key and redact one record at once: one of each wins, the rest
+        see the result; no duplicate key record, no deadlock, the chain stays valid."""
+        store.record(make_record(1))
+        _, key = store.create_key(tenant="acme", name="shared")
+        results, errors = [], []
+        barrier = threading.Barrier(8)
+
+        def race():
+            barrier.wait()
+            results.append(store.revoke_key(key.key_id))
+            try:
+                results.append(store.redact("req-acme-1", tenant="acme", reason="race"))
+            except RecordError as e:
+                errors.append(str(e))
+
+        threads = [threading.Thread(target=race) for _ in range(8)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        revoked = {r for r in results if not hasattr(r, "seq")}
+        assert len(revoked) == 1 and next(iter(revoked)).revoked_us is not None
+        assert len(errors) == 7 and all("already redacted" in e for e in errors)
+        assert len(store.list_records(tenant=ALL_TENANTS, kind="key").records) == 2  # create + one revoke
+        assert len(store.list_records(tenant=ALL_TENANTS, kind="redaction").records) == 1
+        assert store.verify().ok
 
     def test_concurrent_processes_keep_the_chain(self, url, tmp_path):
         """Three OS processes (think: server replicas) open the empty database at once and append."""

@@ -262,9 +262,15 @@ class AuditStore:
 
     # -- appending -----------------------------------------------------------------------------
 
+    @staticmethod
+    def _lock_head(conn: Connection):
+        """Take the append lock first, so read-modify-append actions (redact, revoke, ...) are
+        totally ordered with every append and cannot deadlock on each other's rows."""
+        return conn.execute(sa.select(chain_head).where(chain_head.c.id == 1).with_for_update()).one()
+
     def _append(self, conn: Connection, entries: Sequence[Entry]) -> list[Receipt]:
         """Chain ``entries`` after the current head; the caller's write transaction holds the lock."""
-        head = conn.execute(sa.select(chain_head).where(chain_head.c.id == 1).with_for_update()).one()
+        head = self._lock_head(conn)
         seq, prev = head.seq, head.chain_hash
         created = max(now_us(), head.created_us)  # non-decreasing along the chain
         rows, bodies, labels, receipts = [], [], [], []
@@ -453,6 +459,7 @@ class AuditStore:
         """Erase a request's payload; a redaction record (chained) says who, why and which hash."""
         check_str(reason, "reason", 4096)
         with self._wengine.begin() as conn:
+            self._lock_head(conn)
             target = conn.execute(sa.select(audit_records).where(
                 audit_records.c.record_id == record_id, self._tenant_clause(tenant))).first()
             if target is None or target.kind != "request":
@@ -472,6 +479,7 @@ class AuditStore:
         if before_us is None:
             raise RecordError("before: required")
         with self._wengine.begin() as conn:
+            self._lock_head(conn)
             seqs = conn.execute(sa.select(audit_records.c.seq).join(
                 audit_payloads, audit_payloads.c.seq == audit_records.c.seq).where(
                 audit_records.c.kind == "request", audit_records.c.created_us < before_us,
@@ -510,6 +518,7 @@ class AuditStore:
         elif (kid := keymod.parse_token(token)) is None:
             raise RecordError("token: not a localist key (lk_<16 hex>_<secret of at least 32 characters>)")
         with self._wengine.begin() as conn:
+            self._lock_head(conn)
             row = conn.execute(sa.select(api_keys).where(api_keys.c.key_id == kid)).first()
             if row is not None:
                 if not keymod.token_matches(token, row.token_hash):
@@ -541,6 +550,7 @@ class AuditStore:
     def revoke_key(self, key_id: str, *, tenant=ALL_TENANTS, actor: str | None = None) -> ApiKey:
         """Revoke (idempotent: an already revoked key is returned unchanged, with no new record)."""
         with self._wengine.begin() as conn:
+            self._lock_head(conn)
             q = sa.select(api_keys).where(api_keys.c.key_id == key_id)
             if tenant is not ALL_TENANTS:
                 q = q.where(api_keys.c.tenant == tenant)
