@@ -83,6 +83,18 @@ PROCESS_WRITER = textwrap.dedent("""
 """)
 
 
+KILLED_AFTER_ACK = textwrap.dedent("""
+    import asyncio, os, signal, sys
+    sys.path.insert(0, sys.argv[2])
+    from test_store import make_record
+    from localist.server.store import AuditStore
+    store = AuditStore(sys.argv[1])
+    receipt = asyncio.run(store.arecord(make_record(1)))
+    print(receipt.id, receipt.seq, receipt.chain_hash, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)  # no close(), no flush, no goodbye
+""")
+
+
 class StoreContract:
     """Behaviour every backend must have; subclasses provide the ``url`` fixture (a fresh database)."""
 
@@ -246,6 +258,17 @@ class StoreContract:
             for p in range(3):
                 page = store.list_records(tenant=f"replica{p}", limit=1000, include_payload=False)
                 assert len(page.records) == 30
+
+    def test_acknowledged_record_survives_a_killed_process(self, url):
+        AuditStore(url).close()
+        done = subprocess.run([sys.executable, "-c", KILLED_AFTER_ACK, url, os.path.dirname(__file__)],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == -9, done.stderr
+        rid, seq, chain = done.stdout.split()
+        with AuditStore(url) as store:
+            got = store.get_record(rid, tenant="acme")
+            assert (got["seq"], got["hashes"]["chain"]) == (int(seq), chain)
+            assert store.verify().ok
 
     # -- tampering -----------------------------------------------------------------------------
 

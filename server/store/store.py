@@ -812,6 +812,9 @@ class AuditStore:
     async def aredact(self, record_id: str, *, tenant, reason: str, actor: str | None = None) -> Receipt:
         return await asyncio.to_thread(self.redact, record_id, tenant=tenant, reason=reason, actor=actor)
 
+    async def apurge_payloads(self, **kwargs) -> int:
+        return await asyncio.to_thread(lambda: self.purge_payloads(**kwargs))
+
     async def acreate_key(self, **kwargs) -> tuple[str, ApiKey]:
         return await asyncio.to_thread(lambda: self.create_key(**kwargs))
 
