@@ -276,13 +276,13 @@ class AuditStore:
         rows, bodies, labels, receipts = [], [], [], []
         for e in entries:
             seq += 1
-            header = e.header(created)
-            chain = link_hash(seq, prev, header.content_hash())
+            content = e.header(created).content_hash()
+            chain = link_hash(seq, prev, content)
             rows.append({
                 "seq": seq, "record_id": e.record_id, "kind": e.kind, "tenant": e.tenant,
                 "created_us": created, "status": e.status, "model": e.model, "rho_min": e.rho_min,
                 "rho_max": e.rho_max, "fidelity": e.fidelity, "payload_hash": e.payload_hash,
-                "content_hash": header.content_hash(), "prev_hash": prev, "chain_hash": chain,
+                "content_hash": content, "prev_hash": prev, "chain_hash": chain,
             })
             bodies.append({"seq": seq, "body": e.body.decode()})
             labels.extend({"seq": seq, "label": label} for label in e.blocks)
@@ -309,7 +309,8 @@ class AuditStore:
 
     async def arecord(self, record: dict) -> Receipt:
         """``record`` for the event loop: the write runs on the store's writer thread (records that
-        arrive together share one commit); awaiting returns once the record is durable."""
+        arrive together share one commit); awaiting returns once the record is durable. Validation
+        runs there too, so leave ``record`` unmodified until this returns."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
         self._writer_queue().put((record, fut))
         return await asyncio.wrap_future(fut)
@@ -480,13 +481,15 @@ class AuditStore:
             raise RecordError("before: required")
         with self._wengine.begin() as conn:
             self._lock_head(conn)
-            seqs = conn.execute(sa.select(audit_records.c.seq).join(
+            expired = sa.select(audit_records.c.seq).join(
                 audit_payloads, audit_payloads.c.seq == audit_records.c.seq).where(
                 audit_records.c.kind == "request", audit_records.c.created_us < before_us,
-                self._tenant_clause(tenant))).scalars().all()
+                self._tenant_clause(tenant))
+            seqs = conn.execute(expired).scalars().all()
             if not seqs:
                 return 0
-            conn.execute(sa.delete(audit_payloads).where(audit_payloads.c.seq.in_(seqs)))
+            # a subquery, not a list: a retention sweep may cover more rows than a statement has parameters
+            conn.execute(sa.delete(audit_payloads).where(audit_payloads.c.seq.in_(expired.scalar_subquery())))
             scope = None if tenant is ALL_TENANTS else tenant
             entry = make_entry(f"retention-{uuid.uuid4().hex}", "retention", scope or SYSTEM_TENANT, {
                 "action": "retention", "before_us": before_us, "scope": scope, "seqs": _ranges(seqs),
