@@ -14,8 +14,11 @@ token) is built once per forward pass from the attention metadata and the row ta
 """
 from __future__ import annotations
 
+import logging
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from vllm.forward_context import get_forward_context
@@ -25,11 +28,33 @@ from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.utils import extract_layer_index
 
-from localist.model.attention import localist_attention
+from localist.model.attention import localist_attention, merge_block_partials
 from localist.model.vllm_engine import WORKER, RequestState
+
+log = logging.getLogger(__name__)
 
 # Score elements per attention call in prefill (queries are chunked to stay under it).
 _PREFILL_BUDGET = 1 << 23
+_kernel: list = []  # [module or None] once loaded
+
+
+def paged_kernel():
+    """The compiled split-KV kernel (vllm_kernel.cpp), built on first use; None → pure-torch path.
+
+    ``LOCALIST_KERNEL=0`` forces the pure-torch path (the oracle the kernel is tested against).
+    """
+    if not _kernel:
+        module = None
+        if os.environ.get("LOCALIST_KERNEL", "1") != "0":
+            try:
+                from torch.utils.cpp_extension import load
+
+                module = load("localist_paged_kv", [str(Path(__file__).with_name("vllm_kernel.cpp"))],
+                              extra_cflags=["-O3", "-march=native"], verbose=False)
+            except Exception as exc:  # no compiler: stay correct, only slower
+                log.warning("localist: paged kernel unavailable (%s); decoding with the pure-torch path", exc)
+        _kernel.append(module)
+    return _kernel[0]
 
 
 @dataclass
@@ -37,6 +62,7 @@ class _Decode:
     """All rows with one query this step, attended together over their padded paged K/V."""
 
     query_index: torch.Tensor  # [R] positions of the rows' queries in the flat batch
+    seq_lens: torch.Tensor  # [R]
     block_index: torch.Tensor  # [R, nblk] cache blocks
     block_ids: torch.Tensor  # [R, nblk * block_size] (−1 past the sequence)
     pinned: torch.Tensor  # [R, G]
@@ -127,6 +153,7 @@ def _build_plan(context, meta, block_size: int) -> _Plan | None:
         rows_t = torch.tensor(decode_rows)
         decode = _Decode(
             query_index=torch.tensor([qsl[r] for r in decode_rows]),
+            seq_lens=torch.tensor([seq_lens[r] for r in decode_rows]),
             block_index=meta.block_table[rows_t, :nblk].long(),
             block_ids=block_ids,
             pinned=pinned,
@@ -176,9 +203,13 @@ class LocalistAttentionLayer(Attention):
         out = torch.zeros(q.shape, dtype=output_dtype or query.dtype, device=query.device)
         layer = self.localist_layer
         if plan.decode is not None:
-            self._decode(plan.decode, q, k_cache, v_cache, out, layer)
+            kernel = paged_kernel()
+            if kernel is not None:
+                self._decode_kernel(kernel, plan.decode, q, out, layer)
+            else:
+                self._decode(plan.decode, q, k_cache, v_cache, out, layer)
         for p in plan.prefills:
-            self._prefill(p, q, k_cache, v_cache, out, layer)
+            self._prefill(p, q, k, v, k_cache, v_cache, out, layer)
         if layer == WORKER.num_layers - 1:
             _flush(plan)
         return out.view(q.shape[0], H * D)
@@ -233,11 +264,35 @@ class LocalistAttentionLayer(Attention):
         if d.keep:
             d.stats.append(torch.stack([st.log_mass, st.mass, st.inner_entropy]).view(3, R, H, -1))
 
-    def _prefill(self, p: _Prefill, q, k_cache, v_cache, out, layer: int) -> None:
+    def _decode_kernel(self, kernel, d: _Decode, q, out, layer: int) -> None:
+        """One pass over the paged cache in C++ (per-block partials), merged by the dial in Python."""
+        R, G = d.pinned.shape
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_size
+        g = H // Hkv
+        cache = self.kv_cache
+        raw = cache.view(cache.shape[0], Hkv, 2, -1)
+        queries = q[d.query_index].view(R, Hkv, g, D).float().contiguous()
+        m, s, sw, o = kernel.block_partials(queries, raw, d.block_index, d.seq_lens, d.block_ids, G,
+                                            bool(self._k_transposed), float(self.impl.scale))
+        present = s > 0
+        safe = s.clamp(min=torch.finfo(torch.float32).tiny)
+        log_mass = torch.where(present, m + safe.log(), float("-inf"))
+        inner_entropy = torch.where(present, log_mass - sw / safe, 0.0).clamp(min=0.0)
+        merged, mass = merge_block_partials(o / safe.unsqueeze(-1), log_mass, d.rho[layer].view(R, 1, 1),
+                                            d.pinned.view(R, 1, 1, G))
+        out[d.query_index] = merged.reshape(R, H, D).to(out.dtype)
+        if d.keep:
+            d.stats.append(torch.stack([log_mass, mass, inner_entropy]).view(3, R, H, G))
+
+    def _prefill(self, p: _Prefill, q, k, v, k_cache, v_cache, out, layer: int) -> None:
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_size
         g, S = H // Hkv, p.seq_len
-        keys = k_cache[p.block_index].permute(1, 0, 3, 2).reshape(Hkv, -1, D)[:, :S].contiguous()
-        values = v_cache[p.block_index].permute(1, 0, 2, 3).reshape(Hkv, -1, D)[:, :S]
+        if S == p.query_len:  # nothing cached before this chunk: the fresh K/V are all the keys
+            keys = k[p.query_start: p.query_start + S].transpose(0, 1)
+            values = v[p.query_start: p.query_start + S].transpose(0, 1)
+        else:
+            keys = k_cache[p.block_index].permute(1, 0, 3, 2).reshape(Hkv, -1, D)[:, :S].contiguous()
+            values = v_cache[p.block_index].permute(1, 0, 2, 3).reshape(Hkv, -1, D)[:, :S]
         rows = q[p.query_start: p.query_start + p.query_len].view(p.query_len, Hkv, g, D)
         first_pos = S - p.query_len
         chunk = max(1, min(p.query_len, _PREFILL_BUDGET // (H * S)))

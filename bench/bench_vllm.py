@@ -1,0 +1,152 @@
+"""Localist vs stock vLLM on the same random weights, in one run (issue 4, "Speed").
+
+A random Llama of realistic shape (d 768, 12 layers, 12 heads of 64, vocab 16384: ≈ 110 M
+parameters, bf16) is written to a temp dir; one engine serves it stock, then one serves it as
+``LocalistLlamaForCausalLM`` with mixed ρ and block layouts (statistics kept per token, fetched
+and released after each batch, as the server does at summary level). Each configuration
+(prompt length × concurrency) is timed twice on fresh prompts: with 1 output token (TTFT: the
+whole batch's prefill) and with 1 + S output tokens; the decode step is the difference / S, so
+prefill cancels out of it. Prefix caching is off in both engines (every prompt is new anyway).
+
+    .venv/bin/python bench/bench_vllm.py            # 512 and 2048 tokens, 1 and 16 concurrent
+    .venv/bin/python bench/bench_vllm.py --quick    # 512 tokens only, fewer decode steps
+
+Writes bench/results/vllm_<mode>.json and .md.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+VOCAB = 16384
+
+
+def make_model(path: Path) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+        num_key_value_heads=12, head_dim=64, max_position_embeddings=4096, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2, torch_dtype="bfloat16",
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(str(path), safe_serialization=True)
+    return path
+
+
+def layout(n: int, i: int) -> list[list]:
+    """Eight blocks: rules and documents (one pinned rule) over the prompt."""
+    cuts = [1 + (n - 2) * k // 7 for k in range(7)]
+    kinds = ["rule", "rule", "document", "rule", "document", "rule"]
+    return [[a, b, kinds[k], int(k == (i % 6)), 0] for k, (a, b) in enumerate(zip(cuts, cuts[1:]))]
+
+
+def dial(i: int, num_layers: int) -> list[float]:
+    """Mixed dials across the batch: 0, 0.5, 0.9, 1 and a per-layer ramp."""
+    choices = [0.0, 0.5, 0.9, 1.0, None]
+    c = choices[i % len(choices)]
+    return [round(l / (num_layers - 1), 3) for l in range(num_layers)] if c is None else [c] * num_layers
+
+
+def timed_batch(llm, prompts, max_tokens: int, localist: bool, tag: str) -> float:
+    from vllm import SamplingParams
+
+    from localist.model.blocks import LocalistParams
+    from localist.model.vllm_engine import fetch_stats_sync
+
+    params, ids = [], []
+    for i, p in enumerate(prompts):
+        extra = None
+        if localist:
+            rid = f"{tag}-{i}"
+            ids.append(rid)
+            extra = {"localist": LocalistParams(dial(i, 12), layout(len(p), i), rid).to_json()}
+        params.append(SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, detokenize=False,
+                                     extra_args=extra))
+    t0 = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    elapsed = time.perf_counter() - t0
+    assert all(len(o.outputs[0].token_ids) == max_tokens for o in outs)
+    for rid in ids:  # the server's summary path: fetch every token's statistics, then free them
+        stats = fetch_stats_sync(llm, rid, release=True)
+        assert stats.mass.shape[0] == max_tokens, (rid, stats.mass.shape)
+    return elapsed
+
+
+def run_engine(model_dir: Path, localist: bool, configs, steps: int, seed: int) -> dict:
+    from vllm import LLM
+
+    from localist.model.vllm_engine import engine_kwargs
+
+    kwargs = dict(model=str(model_dir), dtype="bfloat16", max_model_len=2304, gpu_memory_utilization=0.5,
+                  enforce_eager=True, enable_prefix_caching=False, skip_tokenizer_init=True, seed=0,
+                  max_num_seqs=16)
+    llm = LLM(**(engine_kwargs(model_dir, **kwargs) if localist else kwargs))
+    rng = random.Random(seed)
+    new_prompts = lambda n, c: [[1] + [rng.randrange(3, VOCAB) for _ in range(n - 1)] for _ in range(c)]  # noqa: E731
+    timed_batch(llm, new_prompts(64, 2), 4, localist, "warm")
+    out = {}
+    for n, c in configs:
+        t1 = timed_batch(llm, new_prompts(n, c), 1, localist, f"a{n}-{c}")
+        tn = timed_batch(llm, new_prompts(n, c), 1 + steps, localist, f"b{n}-{c}")
+        step = (tn - t1) / steps
+        out[f"{n}x{c}"] = {"prompt_tokens": n, "concurrency": c, "ttft_s": t1, "decode_step_s": step,
+                           "decode_tok_s": c / step, "total_s": tn}
+        print(("localist" if localist else "stock"), out[f"{n}x{c}"], flush=True)
+    del llm
+    gc.collect()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="512-token prompts only, 16 decode steps")
+    args = ap.parse_args()
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    configs = [(512, 1), (512, 16)] if args.quick else [(512, 1), (512, 16), (2048, 1), (2048, 16)]
+    steps = 16 if args.quick else 32
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = make_model(Path(tmp) / "bench-llama")
+        stock = run_engine(model_dir, False, configs, steps, seed=1)
+        localist = run_engine(model_dir, True, configs, steps, seed=1)
+    rows = []
+    for key in stock:
+        s, l = stock[key], localist[key]
+        rows.append({**{k: s[k] for k in ("prompt_tokens", "concurrency")},
+                     "stock": s, "localist": l,
+                     "ttft_ratio": s["ttft_s"] / l["ttft_s"], "decode_ratio": s["decode_step_s"] / l["decode_step_s"]})
+    mode = "quick" if args.quick else "full"
+    command = "VLLM_CPU_KVCACHE_SPACE=4 .venv/bin/python bench/bench_vllm.py" + (" --quick" if args.quick else "")
+    report = {"command": command, "decode_steps": steps, "host": platform.processor() or platform.machine(),
+              "cpus": os.cpu_count(), "python": sys.version.split()[0], "rows": rows,
+              "note": "ratio = stock time / localist time (1.0 = same speed, higher is better for localist)"}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"vllm_{mode}.json").write_text(json.dumps(report, indent=2))
+    lines = [f"# localist vs stock vLLM ({mode})", "", f"`{command}` — {os.cpu_count()} CPUs, bf16, ≈110 M params, "
+             f"mixed ρ (0, 0.5, 0.9, 1, per-layer ramp), 8 blocks, per-token stats fetched and released.", "",
+             "| prompt | concurrent | TTFT stock s | TTFT localist s | TTFT ratio | decode step stock ms | "
+             "decode step localist ms | decode ratio | decode tok/s stock | decode tok/s localist |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        s, l = r["stock"], r["localist"]
+        lines.append(f"| {r['prompt_tokens']} | {r['concurrency']} | {s['ttft_s']:.2f} | {l['ttft_s']:.2f} | "
+                     f"{r['ttft_ratio']:.2f}× | {1000 * s['decode_step_s']:.0f} | {1000 * l['decode_step_s']:.0f} | "
+                     f"{r['decode_ratio']:.2f}× | {s['decode_tok_s']:.1f} | {l['decode_tok_s']:.1f} |")
+    lines += ["", "Ratio = stock time / localist time (≥ 1 means localist is as fast or faster)."]
+    (RESULTS / f"vllm_{mode}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

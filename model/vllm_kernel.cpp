@@ -1,0 +1,144 @@
+// Split-KV over vLLM's paged CPU KV cache where the splits are the semantic blocks (SPEC §2, form 2).
+//
+// For every query (one per row: decode) and every semantic block g, one pass over the row's keys
+// keeps an online-softmax accumulator: m (running max score), s = Σ e^{x−m}, sw = Σ e^{x−m}·x and
+// o = Σ e^{x−m}·v. The dial itself is *not* here: Python turns (m, s, sw, o) into the block
+// log-masses, the within-block entropies and the per-block outputs, and merges them with
+// localist.model.attention.merge_block_partials. The cache is read once, in place (no gather copy).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+inline float to_float(float x) { return x; }
+inline float to_float(c10::BFloat16 x) {
+  uint32_t u = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+inline float to_float(c10::Half x) { return static_cast<float>(x); }
+
+template <typename T>
+void partials_impl(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& block_table,
+                   const at::Tensor& seq_lens, const at::Tensor& block_ids, int64_t G, bool k_transposed,
+                   double scale, at::Tensor& m_out, at::Tensor& s_out, at::Tensor& sw_out, at::Tensor& o_out) {
+  const int64_t R = q.size(0), Hkv = q.size(1), Gq = q.size(2), D = q.size(3);
+  const int64_t bs = kv.size(3) / D;
+  const int64_t nblk = block_table.size(1), Tmax = block_ids.size(1);
+  const float* qp = q.data_ptr<float>();
+  const T* kvp = kv.data_ptr<T>();
+  const int64_t* bt = block_table.data_ptr<int64_t>();
+  const int64_t* sl = seq_lens.data_ptr<int64_t>();
+  const int64_t* ids = block_ids.data_ptr<int64_t>();
+  float* mo = m_out.data_ptr<float>();
+  float* so = s_out.data_ptr<float>();
+  float* swo = sw_out.data_ptr<float>();
+  float* oo = o_out.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+
+  at::parallel_for(0, R * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(Gq * bs);
+    std::vector<float> kf(bs * D);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t r = task / Hkv, h = task % Hkv;
+      const int64_t S = sl[r];
+      float* m = mo + task * Gq * G;
+      float* s = so + task * Gq * G;
+      float* sw = swo + task * Gq * G;
+      float* o = oo + task * Gq * G * D;
+      for (int64_t i = 0; i < Gq * G; ++i) { m[i] = neg_inf; s[i] = 0.f; sw[i] = 0.f; }
+      std::fill(o, o + Gq * G * D, 0.f);
+      const float* qh = qp + task * Gq * D;
+      for (int64_t b = 0; b * bs < S && b < nblk; ++b) {
+        const int64_t n = std::min(bs, S - b * bs);
+        const T* base = kvp + (bt[r * nblk + b] * Hkv + h) * 2 * bs * D;
+        const T* K = base;            // [D, bs] if transposed, else [bs, D]
+        const T* V = base + bs * D;   // [bs, D]
+        for (int64_t i = 0; i < bs * D; ++i) kf[i] = to_float(K[i]);
+        for (int64_t gi = 0; gi < Gq; ++gi) {
+          float* x = scores.data() + gi * bs;
+          const float* qq = qh + gi * D;
+          if (k_transposed) {
+            for (int64_t t = 0; t < bs; ++t) x[t] = 0.f;
+            for (int64_t d = 0; d < D; ++d) {
+              const float qd = qq[d];
+              const float* kd = kf.data() + d * bs;
+              for (int64_t t = 0; t < bs; ++t) x[t] += qd * kd[t];
+            }
+          } else {
+            for (int64_t t = 0; t < bs; ++t) {
+              float acc = 0.f;
+              const float* kt = kf.data() + t * D;
+              for (int64_t d = 0; d < D; ++d) acc += qq[d] * kt[d];
+              x[t] = acc;
+            }
+          }
+          for (int64_t t = 0; t < bs; ++t) x[t] *= sc;
+        }
+        const int64_t* idb = ids + r * Tmax + b * bs;
+        for (int64_t t = 0; t < n; ++t) {
+          const int64_t g = idb[t];
+          if (g < 0 || g >= G) continue;
+          const T* vt = V + t * D;
+          float vf[512];
+          for (int64_t d = 0; d < D; ++d) vf[d] = to_float(vt[d]);
+          for (int64_t gi = 0; gi < Gq; ++gi) {
+            const float xv = scores[gi * bs + t];
+            const int64_t k = gi * G + g;
+            float* ok = o + k * D;
+            if (xv > m[k]) {
+              const float rescale = std::exp(m[k] - xv);  // exp(−inf) = 0 on the first key
+              s[k] *= rescale;
+              sw[k] *= rescale;
+              for (int64_t d = 0; d < D; ++d) ok[d] *= rescale;
+              m[k] = xv;
+            }
+            const float e = std::exp(xv - m[k]);
+            s[k] += e;
+            sw[k] += e * xv;
+            for (int64_t d = 0; d < D; ++d) ok[d] += e * vf[d];
+          }
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// q [R, Hkv, g, D] float32; kv_cache [blocks, Hkv, 2, bs·D] (K then V per block and head);
+// block_table [R, nblk] int64; seq_lens [R] int64; block_ids [R, ≥ S] int64 (−1: skip).
+std::vector<at::Tensor> block_partials(at::Tensor q, at::Tensor kv_cache, at::Tensor block_table,
+                                       at::Tensor seq_lens, at::Tensor block_ids, int64_t G, bool k_transposed,
+                                       double scale) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat && q.is_contiguous() && q.dim() == 4, "q: float32 [R, Hkv, g, D]");
+  TORCH_CHECK(kv_cache.is_contiguous() && kv_cache.dim() == 4 && kv_cache.size(2) == 2, "kv_cache layout");
+  TORCH_CHECK(q.size(3) <= 512, "head_dim > 512");
+  auto f = q.options();
+  const auto R = q.size(0), Hkv = q.size(1), Gq = q.size(2), D = q.size(3);
+  at::Tensor m = at::empty({R, Hkv, Gq, G}, f), s = at::empty({R, Hkv, Gq, G}, f);
+  at::Tensor sw = at::empty({R, Hkv, Gq, G}, f), o = at::empty({R, Hkv, Gq, G, D}, f);
+  auto bt = block_table.to(at::kLong).contiguous();
+  auto sl = seq_lens.to(at::kLong).contiguous();
+  auto ids = block_ids.to(at::kLong).contiguous();
+  switch (kv_cache.scalar_type()) {
+    case at::kFloat: partials_impl<float>(q, kv_cache, bt, sl, ids, G, k_transposed, scale, m, s, sw, o); break;
+    case at::kBFloat16:
+      partials_impl<c10::BFloat16>(q, kv_cache, bt, sl, ids, G, k_transposed, scale, m, s, sw, o);
+      break;
+    case at::kHalf: partials_impl<c10::Half>(q, kv_cache, bt, sl, ids, G, k_transposed, scale, m, s, sw, o); break;
+    default: TORCH_CHECK(false, "kv_cache dtype not supported: ", kv_cache.scalar_type());
+  }
+  return {m, s, sw, o};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.def("block_partials", &block_partials, "per-semantic-block online-softmax partials over a paged KV cache");
+}
