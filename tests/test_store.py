@@ -586,9 +586,10 @@ class TestSqlite(StoreContract):
     (lambda r: r["request"].pop("weights_hash"), "request.weights_hash"),
     (lambda r: r["request"].update(blocks=[{"label": "a"}, {"start": 0}]), "request.blocks[1].label"),
     (lambda r: r["metrics"].update(fidelity=1.2), "metrics.fidelity"),
-    (lambda r: r["metrics"].update(entropy_bits=float("nan")), "record.metrics.entropy_bits"),
-    (lambda r: r["output"].update(token_ids=[1, object()]), "record.output.token_ids[1]"),
+    (lambda r: r["metrics"].update(entropy_bits=float("nan")), "metrics.entropy_bits"),
+    (lambda r: r["output"].update(token_ids=[1, object()]), "output.token_ids[1]"),
     (lambda r: r["timestamps"].update(finished="late"), "timestamps.finished"),
+    (lambda r: r["request"]["params"].update(seed=2**70), "request.params.seed"),
     (lambda r: r["replay"].update(prompt_token_ids=[1, -2]), "replay.prompt_token_ids"),
     (lambda r: r["replay"].update(seed=1.5), "replay.seed"),
 ])

@@ -113,7 +113,11 @@ class Entry:
 
 def check_json(value: Any, path: str) -> None:
     """Reject what canonical JSON cannot carry faithfully (orjson writes NaN as null, silently)."""
-    if value is None or isinstance(value, (bool, str, int)):
+    if value is None or isinstance(value, (bool, str)):
+        return
+    if isinstance(value, int):
+        if not -(2**63) <= value < 2**64:
+            raise RecordError(f"{path}: integer {value} does not fit in 64 bits")
         return
     if isinstance(value, float):
         if not math.isfinite(value):
@@ -224,7 +228,8 @@ def request_entry(record: Any) -> Entry:
     if replay is not None:
         _check_replay(replay)
     payload = {k: record.get(k) for k in ("request", "output", "metrics", "error", "timestamps", "replay")}
-    check_json(payload, "record")
+    for key, value in payload.items():
+        check_json(value, key)
     return make_entry(record_id, "request", tenant, payload, status=status, model=model,
                       rho_min=rho_min, rho_max=rho_max, fidelity=fidelity, blocks=blocks)
 
