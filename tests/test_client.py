@@ -14,6 +14,7 @@ from localist.clients import (
     BlockSpec,
     Client,
     NotFoundError,
+    RateLimitError,
 )
 from localist.clients.models import AuditReport, ChatCompletionResponse, LocalistResult
 
@@ -196,3 +197,16 @@ def test_blocks_are_checked_before_sending(client):
         client.chat("hi", blocks=[{"label": "", "text": "x"}])
     with pytest.raises(ValidationError, match="pinned"):
         client.chat("hi", blocks=[BlockSpec(label="A", text="x"), {"label": "B", "text": "y", "pinned": "yes"}])
+
+
+def test_rate_limit_reaches_the_caller(localist_server):
+    """A key limited to one request a minute: the second answer is the server's 429, as RateLimitError."""
+    from localist.server.store import AuditStore
+
+    with AuditStore(localist_server.db_url) as store:
+        token, _ = store.create_key(tenant="acme", name="one a minute", rate_limit_per_min=1, actor="test_client")
+    with Client(localist_server.base_url, token, max_retries=0) as limited:
+        assert limited.models().data
+        with pytest.raises(RateLimitError) as limit:
+            limited.models()
+    assert limit.value.status_code == 429 and "rate limit of 1 requests per minute" in limit.value.message
