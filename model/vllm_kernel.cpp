@@ -2,12 +2,14 @@
 //
 // For every query (one per row: decode) and every semantic block g, one pass over the row's keys
 // keeps an online-softmax accumulator: m (running max score), s = Σ e^{x−m}, sw = Σ e^{x−m}·x and
-// o = Σ e^{x−m}·v. The dial itself is *not* here: Python turns (m, s, sw, o) into the block
-// log-masses, the within-block entropies and the per-block outputs, and merges them with
-// localist.model.attention.merge_block_partials. The cache is read once, in place (no gather copy).
+// o = Σ e^{x−m}·v, finished into the block's log-mass L = m + ln s, its inner entropy L − sw/s and
+// its own attention output o/s (L = −inf, 0, 0 for a block with no visible key). The dial is *not*
+// here: Python merges the blocks with localist.model.attention.merge_block_partials. The cache is
+// read once, in place (no gather copy).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -107,6 +109,20 @@ void partials_impl(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& 
           }
         }
       }
+      for (int64_t k = 0; k < Gq * G; ++k) {  // finish: m → L, sw → H(w), o → o / s
+        float* ok = o + k * D;
+        if (s[k] > 0.f) {
+          const float L = m[k] + std::log(s[k]);
+          sw[k] = std::max(0.f, L - sw[k] / s[k]);
+          const float inv = 1.f / s[k];
+          for (int64_t d = 0; d < D; ++d) ok[d] *= inv;
+          m[k] = L;
+        } else {
+          m[k] = neg_inf;
+          sw[k] = 0.f;
+          for (int64_t d = 0; d < D; ++d) ok[d] = 0.f;
+        }
+      }
     }
   });
 }
@@ -115,6 +131,7 @@ void partials_impl(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& 
 
 // q [R, Hkv, g, D] float32; kv_cache [blocks, Hkv, 2, bs·D] (K then V per block and head);
 // block_table [R, nblk] int64; seq_lens [R] int64; block_ids [R, ≥ S] int64 (−1: skip).
+// Returns log_mass [R, Hkv, g, G], inner_entropy [R, Hkv, g, G], block outputs [R, Hkv, g, G, D].
 std::vector<at::Tensor> block_partials(at::Tensor q, at::Tensor kv_cache, at::Tensor block_table,
                                        at::Tensor seq_lens, at::Tensor block_ids, int64_t G, bool k_transposed,
                                        double scale) {
@@ -136,7 +153,7 @@ std::vector<at::Tensor> block_partials(at::Tensor q, at::Tensor kv_cache, at::Te
     case at::kHalf: partials_impl<c10::Half>(q, kv_cache, bt, sl, ids, G, k_transposed, scale, m, s, sw, o); break;
     default: TORCH_CHECK(false, "kv_cache dtype not supported: ", kv_cache.scalar_type());
   }
-  return {m, s, sw, o};
+  return {m, sw, o};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {

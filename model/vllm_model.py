@@ -272,14 +272,9 @@ class LocalistAttentionLayer(Attention):
         cache = self.kv_cache
         raw = cache.view(cache.shape[0], Hkv, 2, -1)
         queries = q[d.query_index].view(R, Hkv, g, D).float().contiguous()
-        m, s, sw, o = kernel.block_partials(queries, raw, d.block_index, d.seq_lens, d.block_ids, G,
-                                            bool(self._k_transposed), float(self.impl.scale))
-        present = s > 0
-        safe = s.clamp(min=torch.finfo(torch.float32).tiny)
-        log_mass = torch.where(present, m + safe.log(), float("-inf"))
-        inner_entropy = torch.where(present, log_mass - sw / safe, 0.0).clamp(min=0.0)
-        merged, mass = merge_block_partials(o / safe.unsqueeze(-1), log_mass, d.rho[layer].view(R, 1, 1),
-                                            d.pinned.view(R, 1, 1, G))
+        log_mass, inner_entropy, partial = kernel.block_partials(
+            queries, raw, d.block_index, d.seq_lens, d.block_ids, G, bool(self._k_transposed), float(self.impl.scale))
+        merged, mass = merge_block_partials(partial, log_mass, d.rho[layer].view(R, 1, 1), d.pinned.view(R, 1, 1, G))
         out[d.query_index] = merged.reshape(R, H, D).to(out.dtype)
         if d.keep:
             d.stats.append(torch.stack([log_mass, mass, inner_entropy]).view(3, R, H, G))
