@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import json
 import os
 import random
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import httpx
+from pydantic import BaseModel
 
 from .errors import APIConnectionError, error_from_body, error_from_response
 from .models import (
@@ -71,18 +74,37 @@ Op = Generator[Call | Emit, httpx.Response, T]
 
 
 def call(fn):
+    """An endpoint with one result: ``Op[Result]`` becomes ``Result`` (sync) or an awaitable of it."""
     fn._localist_kind = "call"
     return fn
 
 
-def paged(fn):
-    fn._localist_kind = "paged"
-    return fn
+def paged(item: type):
+    """An endpoint that emits ``item`` objects: an iterator (sync) or async iterator of them."""
+    def mark(fn):
+        fn._localist_kind = "paged"
+        fn._localist_item = item.__name__
+        return fn
+    return mark
 
 
 def streamed(fn):
+    """An endpoint whose last call is an SSE stream: a :class:`Stream` or :class:`AsyncStream`."""
     fn._localist_kind = "streamed"
     return fn
+
+
+def _typed(run: Callable, fn: Callable, returns: str) -> Callable:
+    """``run`` with ``fn``'s name, docs and parameters, and the driver's real return type."""
+    functools.update_wrapper(run, fn)
+    del run.__wrapped__  # so that inspect reports the return type below, not the generator's
+    run.__signature__ = inspect.signature(fn).replace(return_annotation=returns)
+    run.__annotations__ = {**fn.__annotations__, "return": returns}
+    return run
+
+
+def _result_type(fn: Callable) -> str:
+    return re.fullmatch(r"Op\[(.+)\]", fn.__annotations__["return"]).group(1)
 
 
 # --------------------------------------------------------------------------- request building
@@ -258,7 +280,7 @@ class _AuditEndpoints:
         response = yield Call("GET", f"/v1/audit/{audit_id}")
         return _json(response, AuditRecord)
 
-    @paged
+    @paged(AuditSummary)
     def list(self, *, since: str | None = None, until: str | None = None, model: str | None = None,
              rho_min: float | None = None, rho_max: float | None = None,
              fidelity_min: float | None = None, fidelity_max: float | None = None,
@@ -368,7 +390,7 @@ class _Endpoints:
                     blocks: Iterable[BlockSpec | Mapping[str, Any]] | None = None,
                     target_block: str | int | None = None, audit: AuditLevel | None = None,
                     max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
-                    seed: int | None = None, stop: str | list[str] | None = None, **extra: Any) -> Op[type]:
+                    seed: int | None = None, stop: str | list[str] | None = None, **extra: Any) -> Op[type[BaseModel]]:
         """:meth:`chat`, streamed: a :class:`Stream` of tokens with their attribution."""
         body = _generation_body((yield from self._model(model)), locality, blocks, target_block, audit,
                                 dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
@@ -384,7 +406,7 @@ class _Endpoints:
                         target_block: str | int | None = None, audit: AuditLevel | None = None,
                         max_tokens: int | None = None, temperature: float | None = None,
                         top_p: float | None = None, seed: int | None = None, stop: str | list[str] | None = None,
-                        **extra: Any) -> Op[type]:
+                        **extra: Any) -> Op[type[BaseModel]]:
         """:meth:`complete`, streamed."""
         body = _generation_body((yield from self._model(model)), locality, blocks, target_block, audit,
                                 dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
@@ -473,14 +495,16 @@ class _SyncRunner:
         if kind == "paged":
             def run(self, *args, **kwargs):
                 return self._iterate(fn(self, *args, **kwargs))
-        elif kind == "streamed":
+            return _typed(run, fn, f"Iterator[{fn._localist_item}]")
+        if kind == "streamed":
             def run(self, *args, **kwargs):
                 chunk_model, response = self._run(fn(self, *args, **kwargs))
                 return Stream(response, chunk_model)
-        else:
-            def run(self, *args, **kwargs):
-                return self._run(fn(self, *args, **kwargs))[0]
-        return functools.wraps(fn)(run)
+            return _typed(run, fn, "Stream")
+
+        def run(self, *args, **kwargs):
+            return self._run(fn(self, *args, **kwargs))[0]
+        return _typed(run, fn, _result_type(fn))
 
 
 class _AsyncRunner:
@@ -513,14 +537,16 @@ class _AsyncRunner:
         if kind == "paged":
             def run(self, *args, **kwargs):
                 return self._iterate(fn(self, *args, **kwargs))
-        elif kind == "streamed":
+            return _typed(run, fn, f"AsyncIterator[{fn._localist_item}]")
+        if kind == "streamed":
             async def run(self, *args, **kwargs):
                 chunk_model, response = await self._run(fn(self, *args, **kwargs))
                 return AsyncStream(response, chunk_model)
-        else:
-            async def run(self, *args, **kwargs):
-                return (await self._run(fn(self, *args, **kwargs)))[0]
-        return functools.wraps(fn)(run)
+            return _typed(run, fn, "AsyncStream")
+
+        async def run(self, *args, **kwargs):
+            return (await self._run(fn(self, *args, **kwargs)))[0]
+        return _typed(run, fn, _result_type(fn))
 
 
 class _SyncConnection(_Transport, _SyncRunner):
