@@ -125,8 +125,8 @@ def render_html(report: S.AuditReport) -> str:
         preset=_e((localist.get("locality") or {}).get("preset") or "—"),
         audit_level=_e(localist.get("audit") or request.get("audit") or "—"),
         verdict=verdict,
-        covered="this record is covered by a signed checkpoint" if covered else
-        "this record is not yet covered by a signed checkpoint",
+        covered="This record is covered by a signed checkpoint" if covered else
+        "This record is not yet covered by a signed checkpoint",
         hashes="<br>".join(f"{k}: <code>{_e(v)}</code>" for k, v in rec.hashes.model_dump().items()),
         redacted='<p class="bad">The payload of this record was erased (redaction); hashes remain.</p>'
         if rec.redacted else "",
