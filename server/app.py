@@ -57,6 +57,20 @@ def _open_store(settings: Settings):
     )
 
 
+async def decide_dev_mode(store, settings: Settings) -> bool:
+    """Import the bootstrap admin key if configured; with no active key at all, run in dev mode (loudly)."""
+    if settings.admin_token:
+        await store.acreate_key(tenant="admin", name="bootstrap admin (LOCALIST_ADMIN_KEY)", admin=True,
+                                token=settings.admin_token, actor="startup")
+    if await store.alist_keys(include_revoked=False):
+        return False
+    log.warning("=" * 78)
+    log.warning("LOCAL DEV MODE: no API key is configured. Every caller is the admin of tenant "
+                "'default'. Create keys with `localist keys create` to turn authentication on.")
+    log.warning("=" * 78)
+    return True
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI):
     from localist.server.engine import Engine, EngineConfig
@@ -64,16 +78,7 @@ async def lifespan(app: FastAPI):
     settings: Settings = app.state.settings
     store = _open_store(settings)
     app.state.store = store
-    if settings.admin_token:
-        await store.acreate_key(tenant="admin", name="bootstrap admin (LOCALIST_ADMIN_KEY)", admin=True,
-                                token=settings.admin_token, actor="startup")
-    active = await store.alist_keys(include_revoked=False)
-    app.state.dev_mode = not active
-    if app.state.dev_mode:
-        log.warning("=" * 78)
-        log.warning("LOCAL DEV MODE: no API key is configured. Every caller is the admin of tenant "
-                    "'default'. Create keys with `localist keys create` to turn authentication on.")
-        log.warning("=" * 78)
+    app.state.dev_mode = await decide_dev_mode(store, settings)
     engine = Engine(EngineConfig(settings.model_dir, settings.model_name, settings.max_model_len,
                                  settings.stand_in, settings.seed))
     engine.start()
