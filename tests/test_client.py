@@ -210,3 +210,24 @@ def test_rate_limit_reaches_the_caller(localist_server):
         with pytest.raises(RateLimitError) as limit:
             limited.models()
     assert limit.value.status_code == 429 and "rate limit of 1 requests per minute" in limit.value.message
+
+
+def test_complete_stream(client):
+    with client.complete_stream("The refund policy says", blocks=RULES, locality=0.5, max_tokens=5,
+                                temperature=0.0) as stream:
+        deltas = list(stream)
+    tokens = [t for d in deltas for t in d.tokens]
+    assert [t.index for t in tokens] == list(range(5)) == list(range(stream.usage.completion_tokens))
+    assert all(len(t.attribution) == len(stream.localist.blocks) for t in tokens)
+    assert "".join(d.text for d in deltas) == stream.text()
+    record = client.audit.get(stream.audit_id)
+    assert record.output["choices"][0]["text"] == stream.text()
+
+
+def test_several_choices_each_get_metrics(client):
+    response = client.chat(QUESTION, blocks=RULES, n=2, temperature=1.0, seed=3, max_tokens=4)
+    assert [c.index for c in response.choices] == [m.index for m in response.localist.choices] == [0, 1]
+    for metrics in response.localist.choices:
+        assert metrics.num_tokens == 4
+        assert math.isclose(sum(metrics.attribution), 1.0, abs_tol=1e-4)
+    assert response.usage.completion_tokens == 8
