@@ -43,6 +43,7 @@ class Settings:
     max_blocks: int = MAX_BLOCKS
     admin_token: str | None = None  # imported as an admin key at start-up (LOCALIST_ADMIN_KEY)
     seed: int = 0
+    ready_message: str | None = None  # printed once the engine is up (how to call the server)
 
 
 def _open_store(settings: Settings):
@@ -86,6 +87,8 @@ async def lifespan(app: FastAPI):
     if settings.stand_in:
         log.warning("SERVING AN UNTRAINED STAND-IN MODEL (%s): random weights, outputs are noise.",
                     settings.model_dir)
+    if settings.ready_message:
+        print(settings.ready_message, flush=True)
     try:
         yield
     finally:

@@ -64,22 +64,24 @@ def _serve(args: argparse.Namespace) -> int:
                   file=sys.stderr, flush=True)
     name = args.name or model_dir.name
     signing_key = None if args.no_signing else Path(args.signing_key or data_dir() / "signing-key.pem")
+    base = f"http://{args.host}:{args.port}"
+    auth = "any, while no key exists (dev mode); else one from `localist keys create`"
+    ready = (f"\nlocalist: serving {name!r}{' (UNTRAINED STAND-IN)' if stand_in else ''} on {base}  "
+             f"(OpenAI base URL {base}/v1; API key: {auth})\n"
+             f"  curl {base}/v1/chat/completions -H 'Content-Type: application/json' -H 'Authorization: Bearer dev' \\\n"
+             f"    -d '{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}], "
+             f"\"locality\": \"balanced\", \"max_tokens\": 16}}'\n"
+             f"  python: OpenAI(base_url=\"{base}/v1\", api_key=\"dev\").chat.completions.create(model=\"{name}\", "
+             f"messages=[...], extra_body={{\"locality\": 0.5}})\n"
+             f"  audit: {base}/v1/audit  ·  report: {base}/v1/audit/<audit_id>/report?format=html  ·  "
+             f"metrics: {base}/metrics\n")
     settings = Settings(
         model_dir=model_dir, model_name=name, db_url=args.db or default_db_url(), signing_key=signing_key,
         checkpoint_log=signing_key.with_suffix(".checkpoints.jsonl") if signing_key else None,
         sign_interval_s=args.sign_interval, stand_in=stand_in, max_model_len=args.max_model_len,
         default_rho=args.default_rho, max_blocks=args.max_blocks,
-        admin_token=os.environ.get("LOCALIST_ADMIN_KEY") or None,
+        admin_token=os.environ.get("LOCALIST_ADMIN_KEY") or None, ready_message=ready,
     )
-    base = f"http://{args.host}:{args.port}"
-    print(f"\nlocalist: serving {name!r} on {base}  (OpenAI base URL {base}/v1)\n"
-          f"  curl {base}/v1/chat/completions -H 'Content-Type: application/json' -H 'Authorization: Bearer dev' \\\n"
-          f"    -d '{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}], "
-          f"\"locality\": \"balanced\", \"max_tokens\": 16}}'\n"
-          f"  python: OpenAI(base_url=\"{base}/v1\", api_key=...).chat.completions.create(model=\"{name}\", "
-          f"messages=[...], extra_body={{\"locality\": 0.5}})\n"
-          f"  audit: {base}/v1/audit  ·  report: {base}/v1/audit/<audit_id>/report?format=html  ·  "
-          f"metrics: {base}/metrics\n", flush=True)
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=10)
     return 0

@@ -222,4 +222,7 @@ async def test_health_metrics_and_request_ids(localist_server, api):
     completed = [line for line in text.splitlines()
                  if line.startswith('localist_requests_total{endpoint="chat",status="completed"}')]
     assert completed and float(completed[0].split()[-1]) >= 2
-    assert "trace-42" in localist_server.log_tail(200000)
+    log = localist_server.log_tail(400000)
+    assert "trace-42" in log
+    assert f"localist: serving '{localist_server.model}' on {localist_server.base_url}" in log  # how to call it
+    assert "LOCAL DEV MODE" not in log
