@@ -4,9 +4,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
+import shutil
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -146,3 +149,31 @@ def test_client_install_without_the_engine(localist_server):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "2"
+
+
+def test_in_a_terminal(env, chatted, tmp_path):
+    """In a real terminal (tmux), the export progress bar redraws one line and ends at n/n."""
+    tmux = shutil.which("tmux")
+    assert tmux, "tmux is missing (apt-get install tmux)"
+    session = f"localist-cli-test-{os.getpid()}"
+    out = tmp_path / "out"
+    script = (f"{shlex.quote(sys.executable)} -m localist.clients.cli audit export --since 1h --out {out}; "
+              f"echo EXIT=$?; sleep 60")
+    variables = [f"{k}={env[k]}" for k in ("LOCALIST_BASE_URL", "LOCALIST_API_KEY")]
+    subprocess.run([tmux, "new-session", "-d", "-s", session, "-x", "200", "-y", "20", "env", *variables,
+                    "bash", "-c", script], check=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            pane = subprocess.run([tmux, "capture-pane", "-p", "-t", session], capture_output=True,
+                                  text=True).stdout
+            if "EXIT=" in pane:
+                break
+            time.sleep(0.5)
+    finally:
+        subprocess.run([tmux, "kill-session", "-t", session], capture_output=True)
+    assert "EXIT=0" in pane, pane
+    n = len(list(out.iterdir()))
+    bars = [line for line in pane.splitlines() if line.startswith("exporting |")]
+    assert len(bars) == 1 and bars[0].startswith(f"exporting |{'█' * 30}| {n}/{n} "), pane
+    assert f"wrote {n} report file(s) for {n} record(s)" in pane
