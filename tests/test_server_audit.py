@@ -226,3 +226,23 @@ async def test_health_metrics_and_request_ids(localist_server, api):
     assert "trace-42" in log
     assert f"localist: serving '{localist_server.model}' on {localist_server.base_url}" in log  # how to call it
     assert "LOCAL DEV MODE" not in log
+
+
+async def test_concurrent_requests_each_stored_once_and_chain_valid(localist_server, api, tenant_api):
+    async def one(i: int):
+        client = api if i % 2 else tenant_api
+        body = {"model": localist_server.model, "messages": MSG, "max_tokens": 2 + i % 3, "locality": (i % 5) / 4,
+                "blocks": RULES, "stream": i % 3 == 0}
+        r = await client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        if body["stream"]:
+            return json.loads(r.text.strip().split("\n\n")[-2][len("data: "):])["id"]
+        return r.json()["id"]
+
+    ids = await asyncio.gather(*(one(i) for i in range(12)))
+    assert len(set(ids)) == 12
+    for rid in ids:
+        rec = (await api.get(f"/v1/audit/{rid}")).json()
+        assert rec["status"] == "completed" and rec["output"]["usage"]["completion_tokens"] >= 2
+    v = (await api.post("/v1/audit/verify")).json()
+    assert v["ok"] and v["first_broken"] is None
