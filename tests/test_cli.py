@@ -32,9 +32,9 @@ def client(localist_server):
         yield c
 
 
-def localist(env, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+def localist(env, *args: str, check: bool = True, stdin: str | None = None) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-m", "localist.clients.cli", *args], env=env, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, input=stdin)
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc
@@ -72,11 +72,13 @@ def test_chat_prints_answer_and_block_table(chatted):
 
 
 def test_chat_json_is_the_servers_response(env, client):
-    out = localist(env, "chat", "hello", "--locality", "balanced", "--max-tokens", "3", "--json").stdout
+    out = localist(env, "chat", "--locality", "balanced", "--max-tokens", "3", "--json",
+                   stdin="a question from stdin").stdout
     response = json.loads(out)
     assert response["localist"]["locality"]["preset"] == "balanced"
     record = client.audit.get(response["localist"]["audit_id"])
     assert record.localist().model_dump(mode="json") == response["localist"]
+    assert record.request["body"]["messages"] == [{"role": "user", "content": "a question from stdin"}]
 
 
 def test_chat_stream_prints_tokens_then_metrics(env, client):
