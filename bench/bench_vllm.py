@@ -4,9 +4,10 @@ A random Llama of realistic shape (d 768, 12 layers, 12 heads of 64, vocab 16384
 parameters, bf16) is written to a temp dir; one engine serves it stock, then one serves it as
 ``LocalistLlamaForCausalLM`` with mixed ρ and block layouts (statistics kept per token, fetched
 and released after each batch, as the server does at summary level). Each configuration
-(prompt length × concurrency) is timed twice on fresh prompts: with 1 output token (TTFT: the
-whole batch's prefill) and with 1 + S output tokens; the decode step is the difference / S, so
-prefill cancels out of it. Prefix caching is off in both engines (every prompt is new anyway).
+(prompt length × concurrency) is timed on fresh prompts with 1 output token (TTFT: the whole
+batch's prefill) and with 1 + S output tokens; the decode step is the difference / S, so prefill
+cancels out of it. Both engines run side by side and alternate, each figure the minimum over
+``--repeats`` batches. Prefix caching is off in both (every prompt is new anyway).
 
     .venv/bin/python bench/bench_vllm.py            # 512 and 2048 tokens, 1 and 16 concurrent
     .venv/bin/python bench/bench_vllm.py --quick    # 512 tokens only, fewer decode steps
@@ -84,7 +85,7 @@ def timed_batch(llm, prompts, max_tokens: int, localist: bool, tag: str) -> floa
     return elapsed
 
 
-def run_engine(model_dir: Path, localist: bool, configs, steps: int, seed: int) -> dict:
+def start_engine(model_dir: Path, localist: bool):
     from vllm import LLM
 
     from localist.model.vllm_engine import engine_kwargs
@@ -92,34 +93,49 @@ def run_engine(model_dir: Path, localist: bool, configs, steps: int, seed: int) 
     kwargs = dict(model=str(model_dir), dtype="bfloat16", max_model_len=2304, gpu_memory_utilization=0.5,
                   enforce_eager=True, enable_prefix_caching=False, skip_tokenizer_init=True, seed=0,
                   max_num_seqs=16)
-    llm = LLM(**(engine_kwargs(model_dir, **kwargs) if localist else kwargs))
+    return LLM(**(engine_kwargs(model_dir, **kwargs) if localist else kwargs))
+
+
+def measure(engines: dict, configs, steps: int, repeats: int, seed: int) -> dict:
+    """Both engines stay up and take turns on every measurement, so load from other processes on
+    the host hits both alike; each figure is the minimum over ``repeats`` fresh batches."""
     rng = random.Random(seed)
     new_prompts = lambda n, c: [[1] + [rng.randrange(3, VOCAB) for _ in range(n - 1)] for _ in range(c)]  # noqa: E731
-    timed_batch(llm, new_prompts(64, 2), 4, localist, "warm")
-    out = {}
+    for name, llm in engines.items():
+        timed_batch(llm, new_prompts(64, 2), 4, name == "localist", "warm")
+    out: dict = {name: {} for name in engines}
     for n, c in configs:
-        t1 = timed_batch(llm, new_prompts(n, c), 1, localist, f"a{n}-{c}")
-        tn = timed_batch(llm, new_prompts(n, c), 1 + steps, localist, f"b{n}-{c}")
-        step = (tn - t1) / steps
-        out[f"{n}x{c}"] = {"prompt_tokens": n, "concurrency": c, "ttft_s": t1, "decode_step_s": step,
-                           "decode_tok_s": c / step, "total_s": tn}
-        print(("localist" if localist else "stock"), out[f"{n}x{c}"], flush=True)
-    del llm
-    gc.collect()
+        times = {name: {"t1": [], "tn": []} for name in engines}
+        for rep in range(repeats):
+            for name, llm in engines.items():
+                loc = name == "localist"
+                times[name]["t1"].append(timed_batch(llm, new_prompts(n, c), 1, loc, f"a{n}-{c}-{rep}"))
+                times[name]["tn"].append(timed_batch(llm, new_prompts(n, c), 1 + steps, loc, f"b{n}-{c}-{rep}"))
+        for name in engines:
+            t1, tn = min(times[name]["t1"]), min(times[name]["tn"])
+            step = (tn - t1) / steps
+            out[name][f"{n}x{c}"] = {"prompt_tokens": n, "concurrency": c, "ttft_s": t1, "decode_step_s": step,
+                                     "decode_tok_s": c / step, "total_s": tn, "runs": times[name]}
+            print(name, {k: v for k, v in out[name][f"{n}x{c}"].items() if k != "runs"}, flush=True)
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="512-token prompts only, 16 decode steps")
+    ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     configs = [(512, 1), (512, 16)] if args.quick else [(512, 1), (512, 16), (2048, 1), (2048, 16)]
     steps = 16 if args.quick else 32
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = make_model(Path(tmp) / "bench-llama")
-        stock = run_engine(model_dir, False, configs, steps, seed=1)
-        localist = run_engine(model_dir, True, configs, steps, seed=1)
+        engines = {"stock": start_engine(model_dir, False), "localist": start_engine(model_dir, True)}
+        result = measure(engines, configs, steps, args.repeats, seed=1)
+        del engines
+        gc.collect()
+    stock, localist = result["stock"], result["localist"]
     rows = []
     for key in stock:
         s, l = stock[key], localist[key]
@@ -127,14 +143,18 @@ def main() -> None:
                      "stock": s, "localist": l,
                      "ttft_ratio": s["ttft_s"] / l["ttft_s"], "decode_ratio": s["decode_step_s"] / l["decode_step_s"]})
     mode = "quick" if args.quick else "full"
-    command = "VLLM_CPU_KVCACHE_SPACE=4 .venv/bin/python bench/bench_vllm.py" + (" --quick" if args.quick else "")
-    report = {"command": command, "decode_steps": steps, "host": platform.processor() or platform.machine(),
+    command = "VLLM_CPU_KVCACHE_SPACE=2 .venv/bin/python bench/bench_vllm.py" + (" --quick" if args.quick else "")
+    command += f" --repeats {args.repeats}"
+    report = {"command": command, "decode_steps": steps, "repeats": args.repeats,
+              "load_average_before": load_before, "load_average_after": os.getloadavg(), "host": platform.processor() or platform.machine(),
               "cpus": os.cpu_count(), "python": sys.version.split()[0], "rows": rows,
               "note": "ratio = stock time / localist time (1.0 = same speed, higher is better for localist)"}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"vllm_{mode}.json").write_text(json.dumps(report, indent=2))
     lines = [f"# localist vs stock vLLM ({mode})", "", f"`{command}` — {os.cpu_count()} CPUs, bf16, ≈110 M params, "
-             f"mixed ρ (0, 0.5, 0.9, 1, per-layer ramp), 8 blocks, per-token stats fetched and released.", "",
+             f"mixed ρ (0, 0.5, 0.9, 1, per-layer ramp), 8 blocks, per-token stats fetched and released. "
+             f"Host load average (1, 5, 15 min) before {tuple(round(x, 1) for x in load_before)}, after "
+             f"{tuple(round(x, 1) for x in report['load_average_after'])}: other jobs shared the 2 cores.", "",
              "| prompt | concurrent | TTFT stock s | TTFT localist s | TTFT ratio | decode step stock ms | "
              "decode step localist ms | decode ratio | decode tok/s stock | decode tok/s localist |",
              "|---|---|---|---|---|---|---|---|---|---|"]

@@ -1,8 +1,8 @@
 // Split-KV over vLLM's paged CPU KV cache where the splits are the semantic blocks (SPEC §2, form 2).
 //
 // For every query (one per row: decode) and every semantic block g, one pass over the row's keys
-// keeps an online-softmax accumulator: m (running max score), s = Σ e^{x−m}, sw = Σ e^{x−m}·x and
-// o = Σ e^{x−m}·v, finished into the block's log-mass L = m + ln s, its inner entropy L − sw/s and
+// keeps an online-softmax accumulator against the query's running max M: s = Σ e^{x−M},
+// sw = Σ e^{x−M}·x and o = Σ e^{x−M}·v, finished into the block's log-mass L = m + ln s, its inner entropy L − sw/s and
 // its own attention output o/s (L = −inf, 0, 0 for a block with no visible key). The dial is *not*
 // here: Python merges the blocks with localist.model.attention.merge_block_partials. The cache is
 // read once, in place (no gather copy).
@@ -46,7 +46,7 @@ void partials_impl(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& 
   const float neg_inf = -std::numeric_limits<float>::infinity();
 
   at::parallel_for(0, R * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(Gq * bs);
+    std::vector<float> scores(Gq * bs), ex(Gq * bs);
     std::vector<float> kf(bs * D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t r = task / Hkv, h = task % Hkv;
@@ -58,6 +58,11 @@ void partials_impl(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& 
       for (int64_t i = 0; i < Gq * G; ++i) { m[i] = neg_inf; s[i] = 0.f; sw[i] = 0.f; }
       std::fill(o, o + Gq * G * D, 0.f);
       const float* qh = qp + task * Gq * D;
+      // One running max M per query head (flash-decoding style); accumulators are rescaled when it
+      // grows. A block whose mass underflows against M ends with s = 0 and is reported absent —
+      // the same guard as attention.localist_attention, which also exponentiates against the row max.
+      float M[64];
+      for (int64_t gi = 0; gi < Gq; ++gi) M[gi] = neg_inf;
       for (int64_t b = 0; b * bs < S && b < nblk; ++b) {
         const int64_t n = std::min(bs, S - b * bs);
         const T* base = kvp + (bt[r * nblk + b] * Hkv + h) * 2 * bs * D;
@@ -82,7 +87,23 @@ void partials_impl(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& 
               x[t] = acc;
             }
           }
-          for (int64_t t = 0; t < bs; ++t) x[t] *= sc;
+          float bmax = neg_inf;
+          for (int64_t t = 0; t < n; ++t) {
+            x[t] *= sc;
+            bmax = std::max(bmax, x[t]);
+          }
+          if (bmax > M[gi]) {
+            const float rescale = std::exp(M[gi] - bmax);  // 0 on the first block
+            for (int64_t k = gi * G; k < (gi + 1) * G; ++k) {
+              s[k] *= rescale;
+              sw[k] *= rescale;
+              float* ok = o + k * D;
+              for (int64_t d = 0; d < D; ++d) ok[d] *= rescale;
+            }
+            M[gi] = bmax;
+          }
+          float* e = ex.data() + gi * bs;
+          for (int64_t t = 0; t < n; ++t) e[t] = std::exp(x[t] - M[gi]);
         }
         const int64_t* idb = ids + r * Tmax + b * bs;
         for (int64_t t = 0; t < n; ++t) {
@@ -92,24 +113,17 @@ void partials_impl(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& 
           float vf[512];
           for (int64_t d = 0; d < D; ++d) vf[d] = to_float(vt[d]);
           for (int64_t gi = 0; gi < Gq; ++gi) {
-            const float xv = scores[gi * bs + t];
+            const float et = ex[gi * bs + t];
             const int64_t k = gi * G + g;
+            s[k] += et;
+            sw[k] += et * scores[gi * bs + t];
             float* ok = o + k * D;
-            if (xv > m[k]) {
-              const float rescale = std::exp(m[k] - xv);  // exp(−inf) = 0 on the first key
-              s[k] *= rescale;
-              sw[k] *= rescale;
-              for (int64_t d = 0; d < D; ++d) ok[d] *= rescale;
-              m[k] = xv;
-            }
-            const float e = std::exp(xv - m[k]);
-            s[k] += e;
-            sw[k] += e * xv;
-            for (int64_t d = 0; d < D; ++d) ok[d] += e * vf[d];
+            for (int64_t d = 0; d < D; ++d) ok[d] += et * vf[d];
           }
         }
       }
-      for (int64_t k = 0; k < Gq * G; ++k) {  // finish: m → L, sw → H(w), o → o / s
+      for (int64_t k = 0; k < Gq * G; ++k) m[k] = M[k / G];
+      for (int64_t k = 0; k < Gq * G; ++k) {  // finish: M → L, sw → H(w), o → o / s
         float* ok = o + k * D;
         if (s[k] > 0.f) {
           const float L = m[k] + std::log(s[k]);
@@ -138,6 +152,7 @@ std::vector<at::Tensor> block_partials(at::Tensor q, at::Tensor kv_cache, at::Te
   TORCH_CHECK(q.scalar_type() == at::kFloat && q.is_contiguous() && q.dim() == 4, "q: float32 [R, Hkv, g, D]");
   TORCH_CHECK(kv_cache.is_contiguous() && kv_cache.dim() == 4 && kv_cache.size(2) == 2, "kv_cache layout");
   TORCH_CHECK(q.size(3) <= 512, "head_dim > 512");
+  TORCH_CHECK(q.size(2) <= 64, "more than 64 query heads per KV head");
   auto f = q.options();
   const auto R = q.size(0), Hkv = q.size(1), Gq = q.size(2), D = q.size(3);
   at::Tensor m = at::empty({R, Hkv, Gq, G}, f), s = at::empty({R, Hkv, Gq, G}, f);

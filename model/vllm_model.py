@@ -50,7 +50,8 @@ def paged_kernel():
                 from torch.utils.cpp_extension import load
 
                 module = load("localist_paged_kv", [str(Path(__file__).with_name("vllm_kernel.cpp"))],
-                              extra_cflags=["-O3", "-march=native"], verbose=False)
+                              extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                              verbose=False)
             except Exception as exc:  # no compiler: stay correct, only slower
                 log.warning("localist: paged kernel unavailable (%s); decoding with the pure-torch path", exc)
         _kernel.append(module)
