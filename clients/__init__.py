@@ -8,6 +8,7 @@ from .errors import (
     APIError,
     AuthenticationError,
     BadRequestError,
+    ConflictError,
     LocalistError,
     NotFoundError,
     PermissionDeniedError,
@@ -18,6 +19,6 @@ from .models import BlockSpec
 
 __all__ = [
     "APIConnectionError", "APIError", "AsyncClient", "AsyncStream", "AuthenticationError", "BadRequestError",
-    "BlockSpec", "Client", "LocalistError", "NotFoundError", "PermissionDeniedError", "RateLimitError",
+    "BlockSpec", "Client", "ConflictError", "LocalistError", "NotFoundError", "PermissionDeniedError", "RateLimitError",
     "ServerError", "Stream", "StreamDelta",
 ]

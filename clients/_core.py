@@ -39,6 +39,7 @@ from .models import (
     Health,
     LocalistResult,
     ModelList,
+    ReplayResult,
     TokenAttribution,
     Usage,
     VerifyResult,
@@ -322,6 +323,19 @@ class _AuditEndpoints:
         if path is not None:
             Path(path).write_bytes(response.content)
         return response.text if format == "html" else _json(response, AuditReport)
+
+    @call
+    def redact(self, audit_id: str, reason: str) -> Op[AuditSummary]:
+        """Erase a record's payload (e.g. on a data subject's request); the chain stays valid and a
+        chained redaction record keeps who and why."""
+        response = yield Call("POST", f"/v1/audit/{audit_id}/redact", json={"reason": reason})
+        return _json(response, AuditSummary)
+
+    @call
+    def replay(self, audit_id: str) -> Op[ReplayResult]:
+        """Re-run a stored request from its replay data; ``matches`` says whether every token came back."""
+        response = yield Call("POST", f"/v1/audit/{audit_id}/replay")
+        return _json(response, ReplayResult)
 
     @call
     def verify(self) -> Op[VerifyResult]:
@@ -646,7 +660,8 @@ def endpoints(cls: type) -> dict[str, Callable]:
     return {name: fn for klass in cls.__mro__ for name, fn in vars(klass).items() if hasattr(fn, "_localist_kind")}
 
 
-AUDIT_DOC = "Audit records of the caller's tenant: ``get``, ``list`` (auto-paginated), ``report``, ``verify``."
+AUDIT_DOC = ("Audit records of the caller's tenant: ``get``, ``list`` (auto-paginated), ``report``, ``verify``, "
+             "``redact``, ``replay``.")
 CLIENT_DOC = """Client of a localist server{kind}.
 
 ``Client(base_url=None, api_key=None, *, timeout=120, max_retries=3, backoff=0.5, max_backoff=20)``;
@@ -655,5 +670,5 @@ CLIENT_DOC = """Client of a localist server{kind}.
 with exponential backoff (the server's Retry-After wins); other errors raise at once, as subclasses of
 :class:`localist.clients.errors.APIError` carrying the server's message and the offending ``param``.
 Endpoints: ``chat``, ``complete``, ``chat_stream``, ``complete_stream``, ``models``, ``health`` and
-``audit.get/list/report/verify``.
+``audit.get/list/report/verify/redact/replay``.
 """

@@ -20,6 +20,7 @@ from ._core import (
     Mapping,
     Messages,
     ModelList,
+    ReplayResult,
     ReportFormat,
     VerifyResult,
 )
@@ -34,6 +35,10 @@ class AuditAPI:
         """One full audit record (the tenant's own only)."""
     def list(self, *, since: str | None = ..., until: str | None = ..., model: str | None = ..., rho_min: float | None = ..., rho_max: float | None = ..., fidelity_min: float | None = ..., fidelity_max: float | None = ..., block: str | None = ..., status: str | None = ..., page_size: int = ..., max_items: int | None = ...) -> Iterator[AuditSummary]:
         """Record headers matching the filters, newest first, fetching page after page as iteration goes."""
+    def redact(self, audit_id: str, reason: str) -> AuditSummary:
+        """Erase a record's payload (e.g. on a data subject's request); the chain stays valid and a chained redaction record keeps who and why."""
+    def replay(self, audit_id: str) -> ReplayResult:
+        """Re-run a stored request from its replay data; ``matches`` says whether every token came back."""
     def report(self, audit_id: str, *, format: ReportFormat = ..., path: str | os.PathLike | None = ...) -> AuditReport | str:
         """The compliance report: an :class:`AuditReport` (``json``) or the self-contained HTML page."""
     def verify(self) -> VerifyResult:
@@ -45,6 +50,10 @@ class AsyncAuditAPI:
         """One full audit record (the tenant's own only)."""
     def list(self, *, since: str | None = ..., until: str | None = ..., model: str | None = ..., rho_min: float | None = ..., rho_max: float | None = ..., fidelity_min: float | None = ..., fidelity_max: float | None = ..., block: str | None = ..., status: str | None = ..., page_size: int = ..., max_items: int | None = ...) -> AsyncIterator[AuditSummary]:
         """Record headers matching the filters, newest first, fetching page after page as iteration goes."""
+    async def redact(self, audit_id: str, reason: str) -> AuditSummary:
+        """Erase a record's payload (e.g. on a data subject's request); the chain stays valid and a chained redaction record keeps who and why."""
+    async def replay(self, audit_id: str) -> ReplayResult:
+        """Re-run a stored request from its replay data; ``matches`` says whether every token came back."""
     async def report(self, audit_id: str, *, format: ReportFormat = ..., path: str | os.PathLike | None = ...) -> AuditReport | str:
         """The compliance report: an :class:`AuditReport` (``json``) or the self-contained HTML page."""
     async def verify(self) -> VerifyResult:

@@ -1,4 +1,4 @@
-"""`localist chat` and `localist audit list|show|export|verify`: the client side of the CLI.
+"""`localist chat` and `localist audit list|show|export|verify|replay|redact`: the client side of the CLI.
 
 Terminal output is for people (a table of blocks with attribution bars, entropy and fidelity next to
 the theory's bounds); ``--json`` prints the server's objects unchanged for machines. Only the client
@@ -339,6 +339,30 @@ def cmd_audit_verify(args) -> int:
     return 0 if result.ok else 1
 
 
+def cmd_audit_replay(args) -> int:
+    with _client(args) as client:
+        result = client.audit.replay(args.id)
+    if args.json:
+        _dump(result, sys.stdout)
+    else:
+        print(f"replay {result.replay_id} of {result.record_id}: "
+              + ("every choice reproduced its tokens" if result.matches else "the output DIFFERS"))
+        for choice in result.choices:
+            print(f"  choice {choice.index}: {len(choice.original_token_ids)} original token(s), "
+                  f"{len(choice.replay_token_ids)} replayed, {'match' if choice.matches else 'MISMATCH'}")
+    return 0 if result.matches else 1
+
+
+def cmd_audit_redact(args) -> int:
+    with _client(args) as client:
+        summary = client.audit.redact(args.id, args.reason)
+    if args.json:
+        _dump(summary, sys.stdout)
+    else:
+        print(f"record {summary.id}: payload erased (redacted={summary.redacted}); the chain keeps its hashes")
+    return 0
+
+
 def _guarded(fn):
     """Server and connection errors become one line on stderr and exit status 1, not a traceback."""
     def run(args) -> int:
@@ -396,3 +420,12 @@ def add_commands(sub) -> None:
 
     verify = audit_sub.add_parser("verify", parents=[common], help="check the hash chain and its signatures")
     verify.set_defaults(func=_guarded(cmd_audit_verify))
+
+    replay = audit_sub.add_parser("replay", parents=[common], help="re-run a stored request; exit 1 if it differs")
+    replay.add_argument("id")
+    replay.set_defaults(func=_guarded(cmd_audit_replay))
+
+    redact = audit_sub.add_parser("redact", parents=[common], help="erase a record's payload (chain stays valid)")
+    redact.add_argument("id")
+    redact.add_argument("--reason", required=True, help="why (kept in the chain)")
+    redact.set_defaults(func=_guarded(cmd_audit_redact))

@@ -45,6 +45,10 @@ class NotFoundError(APIError):
     """404: unknown audit id, model or path."""
 
 
+class ConflictError(APIError):
+    """409: the record's state forbids it (already redacted, not a replayable request)."""
+
+
 class RateLimitError(APIError):
     """429: the key's rate or concurrency limit, still hit after the client's retries."""
 
@@ -54,7 +58,7 @@ class ServerError(APIError):
 
 
 _BY_STATUS = {400: BadRequestError, 401: AuthenticationError, 403: PermissionDeniedError,
-              404: NotFoundError, 422: BadRequestError, 429: RateLimitError}
+              404: NotFoundError, 409: ConflictError, 422: BadRequestError, 429: RateLimitError}
 # Errors that arrive inside an SSE stream have no status of their own, only the OpenAI type.
 _BY_TYPE = {"invalid_request_error": BadRequestError, "authentication_error": AuthenticationError,
             "permission_error": PermissionDeniedError, "not_found_error": NotFoundError,

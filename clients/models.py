@@ -387,6 +387,23 @@ class VerifyResult(_Model):
     redacted: int
 
 
+class ReplayChoice(_Model):
+    index: int
+    matches: bool
+    original_token_ids: list[int]
+    replay_token_ids: list[int]
+
+
+class ReplayResult(_Model):
+    """A stored request re-run from its replay data; ``replay_id`` is the replay's own audit record."""
+
+    record_id: str
+    replay_id: str
+    matches: bool
+    choices: list[ReplayChoice]
+    localist: LocalistResult
+
+
 class AuditReport(_Model):
     record: AuditRecord
     verification: VerifyResult
@@ -398,5 +415,6 @@ WIRE_MODELS: tuple[type[BaseModel], ...] = (
     LocalistResult, TokenAttribution, LocalistDelta, Usage, TopLogprob, TokenLogprob, ChatLogprobs,
     AssistantMessage, ChatChoice, ChatCompletionResponse, ChatDelta, ChatChunkChoice, ChatCompletionChunk,
     CompletionLogprobs, CompletionChoice, CompletionResponse, ModelInfo, ModelList, Health, RecordHashes,
-    AuditSummary, AuditRecord, AuditList, BrokenLink, VerifyResult, AuditReport,
+    AuditSummary, AuditRecord, AuditList, BrokenLink, VerifyResult, ReplayChoice,
+    ReplayResult, AuditReport,
 )

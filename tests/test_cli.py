@@ -179,3 +179,10 @@ def test_in_a_terminal(env, chatted, tmp_path):
     bars = [line for line in pane.splitlines() if line.startswith("exporting |")]
     assert len(bars) == 1 and bars[0].startswith(f"exporting |{'█' * 30}| {n}/{n} "), pane
     assert f"wrote {n} report file(s) for {n} record(s)" in pane
+
+
+def test_audit_replay(env, chatted):
+    _, record = chatted
+    out = localist(env, "audit", "replay", record.id).stdout
+    assert re.match(rf"replay \S+ of {record.id}: every choice reproduced its tokens", out)
+    assert "choice 0: 5 original token(s), 5 replayed, match" in out

@@ -13,6 +13,7 @@ from localist.clients import (
     BadRequestError,
     BlockSpec,
     Client,
+    ConflictError,
     NotFoundError,
     RateLimitError,
 )
@@ -231,3 +232,24 @@ def test_several_choices_each_get_metrics(client):
         assert metrics.num_tokens == 4
         assert math.isclose(sum(metrics.attribution), 1.0, abs_tol=1e-4)
     assert response.usage.completion_tokens == 8
+
+
+def test_replay_reproduces_a_greedy_answer(client, ruled):
+    result = client.audit.replay(ruled.localist.audit_id)
+    assert result.matches and result.record_id == ruled.localist.audit_id
+    tokens = [t.token_id for t in ruled.localist.choices[0].tokens]
+    assert result.choices[0].original_token_ids == result.choices[0].replay_token_ids == tokens
+    assert result.localist.choices[0].attribution == pytest.approx(ruled.localist.choices[0].attribution, abs=1e-5)
+    assert client.audit.get(result.replay_id).status == "completed"
+
+
+def test_redaction_erases_the_payload_and_keeps_the_chain(client):
+    audit_id = client.chat("my account number is 12345", max_tokens=2).localist.audit_id
+    summary = client.audit.redact(audit_id, "data subject request")
+    assert summary.id == audit_id and summary.redacted
+    record = client.audit.get(audit_id)
+    assert record.redacted and record.request is None and record.output is None and record.localist() is None
+    assert client.audit.verify().ok
+    with pytest.raises(ConflictError) as again:
+        client.audit.redact(audit_id, "twice")
+    assert again.value.status_code == 409
