@@ -7,8 +7,6 @@ localist id, so that each choice's attention statistics can be fetched on their 
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -20,6 +18,7 @@ from localist.model.blocks import (
     MAX_BLOCKS, PRESETS, BlockError, BlockTable, LocalistParams, Piece, Span, resolve_rho, split_text,
     table_from_chat, table_from_pieces,
 )
+from localist.model.vllm_engine import cache_salt
 from localist.server import schemas as S
 from localist.server.engine import Engine
 from localist.server.errors import ApiError
@@ -43,6 +42,7 @@ class Prepared:
     choices: list[tuple[str, SamplingParams]]  # (engine request id, params) per choice
     cache_salt: str | None
     received: float = field(default_factory=time.time)
+    replay_of: str | None = None
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -217,13 +217,6 @@ def _stop(stop: str | list[str] | None) -> list[str] | None:
     return stops
 
 
-def _cache_salt(rho: list[float], table: BlockTable) -> str | None:
-    """SPEC §2: cached K/V depend on the dial and the layout from layer 2 on; ρ = 0 shares with stock."""
-    if not any(rho):
-        return None
-    return hashlib.sha256(json.dumps([rho, table.to_wire()], separators=(",", ":")).encode()).hexdigest()[:32]
-
-
 def prepare(engine: Engine, req: S.ChatCompletionRequest | S.CompletionRequest, endpoint: str,
             default_rho: float = 0.0, max_blocks: int = MAX_BLOCKS) -> Prepared:
     """Validate everything and build the engine requests; raises ApiError/BlockError (→ 400/404)."""
@@ -260,27 +253,58 @@ def prepare(engine: Engine, req: S.ChatCompletionRequest | S.CompletionRequest, 
         logprobs = req.logprobs
     stop = _stop(req.stop)
 
+    sampling = [dict(
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        seed=None if req.seed is None else req.seed + i,
+        stop=stop, max_tokens=max_tokens, logprobs=logprobs, ignore_eos=req.ignore_eos,
+    ) for i in range(req.n)]
     request_id = ("chatcmpl-" if endpoint == "chat" else "cmpl-") + uuid.uuid4().hex
-    choices = []
-    for i in range(req.n):
+    return _prepared(endpoint, request_id, req, table, rho, preset, target, sampling)
+
+
+def _prepared(endpoint: str, request_id: str, req, table: BlockTable, rho: list[float], preset: str | None,
+              target: int | None, sampling: list[dict[str, Any]], replay_of: str | None = None) -> Prepared:
+    """One engine request per choice, each carrying its own localist id (its statistics are fetched by it)."""
+    choices, params = [], []
+    for i, kwargs in enumerate(sampling):
         engine_id = f"{request_id}-{i}"
         lp = LocalistParams(rho, table.to_wire(), engine_id, target, req.audit)
-        params = SamplingParams(
-            n=1,
-            temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
-            presence_penalty=req.presence_penalty or 0.0,
-            frequency_penalty=req.frequency_penalty or 0.0,
-            seed=None if req.seed is None else req.seed + i,
-            stop=stop,
-            max_tokens=max_tokens,
-            logprobs=logprobs,
-            ignore_eos=req.ignore_eos,
-            extra_args={"localist": lp.to_json()},
-        )
-        choices.append((engine_id, params))
+        params.append(lp)
+        choices.append((engine_id, SamplingParams(n=1, extra_args={"localist": lp.to_json()}, **kwargs)))
     return Prepared(endpoint, request_id, int(time.time()), req, table, rho, preset, target, choices,
-                    _cache_salt(rho, table))
+                    cache_salt(params[0]), replay_of=replay_of)
+
+
+def prepare_replay(engine: Engine, record: dict[str, Any]) -> Prepared:
+    """Re-run a stored request exactly: its prompt token ids, block table, per-layer dial, target and the
+    sampling parameters (seeds included) of every choice. Refuses (409) when the served weights, tokenizer
+    or chat template differ from the record's."""
+    request, replay = record.get("request"), record.get("replay")
+    if request is None or replay is None:
+        raise ApiError(409, f"record {record['id']!r} has no replay data (its payload was erased)", "id",
+                       "not_replayable")
+    for stored, current, what in ((request.get("weights_hash"), engine.weights_sha256, "weights"),
+                                  (replay.get("tokenizer_hash"), engine.fingerprint["tokenizer_sha256"], "tokenizer"),
+                                  (replay.get("chat_template_hash"), engine.fingerprint["chat_template_sha256"],
+                                   "chat template")):
+        if stored != current:
+            raise ApiError(409, f"the served model's {what} differ from the record's ({str(stored)[:12]}… vs "
+                           f"{current[:12]}…): replay needs the same model", "id", "model_mismatch")
+    table = BlockTable.from_wire(replay["block_spans"], replay["prompt_token_ids"])
+    params = request.get("params") or {}
+    sampling = [dict(temperature=p["temperature"], top_p=p["top_p"], seed=p["seed"], stop=p["stop"],
+                     max_tokens=p["max_tokens"], presence_penalty=params.get("presence_penalty", 0.0),
+                     frequency_penalty=params.get("frequency_penalty", 0.0), logprobs=params.get("logprobs"),
+                     ignore_eos=params.get("ignore_eos", False)) for p in replay["sampling_params"]]
+    req = S.CompletionRequest(model=engine.name, prompt=list(table.token_ids), n=len(sampling),
+                              seed=request["params"].get("seed"), audit=request.get("audit", "summary"),
+                              max_tokens=sampling[0]["max_tokens"])
+    request_id = "replay-" + uuid.uuid4().hex
+    return _prepared("replay", request_id, req, table, list(request["rho"]), request.get("preset"),
+                     request.get("target_block"), sampling, replay_of=record["id"])
 
 
 # --------------------------------------------------------------------------- outputs

@@ -446,6 +446,23 @@ class VerifyResult(_Response):
     redacted: int
 
 
+class ReplayChoice(_Response):
+    index: int
+    matches: bool
+    original_token_ids: list[int]
+    replay_token_ids: list[int]
+
+
+class ReplayResult(_Response):
+    """A stored request re-run on the served model from its replay data (itself stored as a new record)."""
+
+    record_id: str
+    replay_id: str = Field(description="Audit id of the replay's own record.")
+    matches: bool = Field(description="Every choice produced the same tokens.")
+    choices: list[ReplayChoice]
+    localist: LocalistResult = Field(description="Metrics of the replay.")
+
+
 class AuditReport(_Response):
     """The JSON form of the compliance report (the HTML report shows the same)."""
 

@@ -56,21 +56,26 @@ async def test_record_holds_request_output_metrics_and_replay(localist_server, a
     assert len(rec["hashes"]["chain"]) == 64
 
 
-async def test_replay_reproduces_the_output(localist_server, api):
-    """An auditor replays a record from its stored token ids, dial and seed: same tokens. (At ρ = 0 the
-    layout does not change the attention, so the token-span completion form reproduces it exactly.)"""
-    body = await chat(api, localist_server, locality=0.0, blocks=RULES, temperature=1.0, seed=3, max_tokens=5)
-    rec = (await api.get(f"/v1/audit/{body['id']}")).json()
-    replay = rec["replay"]
-    r = await api.post("/v1/completions", json={
-        "model": localist_server.model, "prompt": replay["prompt_token_ids"], "max_tokens": 5, "temperature": 1.0,
-        "seed": replay["seed"],
-        "locality": rec["request"]["rho"],
-        "blocks": [{"label": s[5], "kind": s[2], "start": s[0], "end": s[1], "pinned": bool(s[3])}
-                   for s in replay["block_spans"][1:-1]]})
+async def test_replay_reproduces_the_output_and_metrics(localist_server, api, tenant_api):
+    """An auditor re-runs a stored request (token ids, block table, per-layer dial, seeds): same tokens and
+    the same attribution; the replay is audited too."""
+    body = await chat(tenant_api, localist_server, locality=[0.3, 0.8], blocks=RULES, target_block="R1",
+                      temperature=1.0, seed=21, n=2, max_tokens=6)
+    r = await tenant_api.post(f"/v1/audit/{body['id']}/replay")
     assert r.status_code == 200, r.text
-    again = (await api.get(f"/v1/audit/{r.json()['id']}")).json()
-    assert again["output"]["choices"][0]["token_ids"] == rec["output"]["choices"][0]["token_ids"]
+    rep = r.json()
+    assert rep["matches"] and [c["matches"] for c in rep["choices"]] == [True, True]
+    assert [c["replay_token_ids"] for c in rep["choices"]] == \
+        [(await tenant_api.get(f"/v1/audit/{body['id']}")).json()["output"]["choices"][i]["token_ids"] for i in (0, 1)]
+    for a, b in zip(rep["localist"]["choices"], body["localist"]["choices"]):
+        assert a["attribution"] == pytest.approx(b["attribution"], abs=1e-5)
+        assert a["pointer_fidelity"] == pytest.approx(b["pointer_fidelity"], abs=1e-5)
+    assert rep["localist"]["locality"]["rho"] == [0.3, 0.8]
+    again = (await tenant_api.get(f"/v1/audit/{rep['replay_id']}")).json()
+    assert again["request"]["replay_of"] == body["id"] and again["tenant"] == "acme"
+    assert (await api.post("/v1/audit/no-such-id/replay")).status_code == 404
+    other = (await chat(api, localist_server))["id"]
+    assert (await tenant_api.post(f"/v1/audit/{other}/replay")).status_code == 404  # another tenant's
 
 
 async def test_list_filters_and_pagination(localist_server, api):
@@ -165,6 +170,8 @@ async def test_redaction_keeps_the_chain_valid(localist_server, tenant_api, api)
     assert any(x["tenant"] == "acme" for x in redactions)
     html = (await tenant_api.get(f"/v1/audit/{rid}/report", params={"format": "html"})).text
     assert "erased" in html
+    r = await tenant_api.post(f"/v1/audit/{rid}/replay")
+    assert r.status_code == 409 and r.json()["error"]["code"] == "not_replayable"
 
 
 async def test_keys_cli_rate_and_concurrency_limits(localist_server, api):

@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from localist.server import schemas as S
 from localist.server.auth import Principal, principal, require_admin
 from localist.server.errors import ApiError
+from localist.server.generation import prepare_replay
+from localist.server.routers.openai_api import Aborted, Run, run_to_end
 from localist.server.reports import render_html
 from localist.server.store import NotFound, RecordError
 
@@ -139,3 +141,28 @@ async def redact(record_id: str, body: RedactRequest, request: Request, who: Pri
     except RecordError as exc:
         raise ApiError(409, str(exc), "id", "already_redacted") from None
     return S.AuditSummary(**await _record(request, who, record_id))
+
+
+@router.post("/{record_id}/replay", response_model=S.ReplayResult, responses={**ERRORS, 409: {"model": S.ErrorResponse}})
+async def replay(record_id: str, request: Request, who: Principal = Depends(principal)):
+    """Re-run a stored request on the served model — same prompt token ids, block table, dial, seeds and
+    sampling parameters — and say whether every choice reproduced its tokens. The replay is itself
+    audited (``request.replay_of`` names the original)."""
+    record = await _record(request, who, record_id)
+    if record["kind"] != "request":
+        raise ApiError(409, f"record {record_id!r} is a {record['kind']} record, not a request", "id",
+                       "not_replayable")
+    prep = prepare_replay(request.app.state.engine, record)
+    await request.app.state.limiter.acquire(who.key)
+    run = Run(request, who, prep)
+    try:
+        await run_to_end(run)
+    except Aborted:
+        raise ApiError(499, "client disconnected", None, "client_disconnected") from None
+    finally:
+        request.app.state.limiter.release(who.key)
+    original = record["output"]["choices"]
+    choices = [S.ReplayChoice(index=s.index, original_token_ids=o["token_ids"], replay_token_ids=s.token_ids,
+                              matches=o["token_ids"] == s.token_ids) for s, o in zip(run.states, original)]
+    return S.ReplayResult(record_id=record_id, replay_id=prep.request_id, matches=all(c.matches for c in choices),
+                          choices=choices, localist=run.result)

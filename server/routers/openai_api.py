@@ -92,6 +92,7 @@ class Run:
                 "weights_hash": engine.weights_sha256,
                 "endpoint": prep.endpoint,
                 "http_request_id": getattr(self.request.state, "request_id", None),
+                "replay_of": prep.replay_of,
                 "key_id": self.who.key_id,
                 "rho": prep.rho,
                 "preset": prep.preset,
@@ -208,7 +209,7 @@ async def _complete(run: Run) -> None:
     await run.release_stats()
 
 
-async def _run_to_end(run: Run) -> None:
+async def run_to_end(run: Run) -> None:
     """Generate everything unless the client leaves first (then abort and store as aborted)."""
     work = asyncio.create_task(_complete(run))
     watch = asyncio.create_task(_until_disconnected(run.request))
@@ -336,7 +337,7 @@ async def _generate(request: Request, who: Principal, req, endpoint: str):
     if req.stream:
         return StreamingResponse(_stream(run, endpoint), media_type="text/event-stream", headers=SSE_HEADERS)
     try:
-        await _run_to_end(run)
+        await run_to_end(run)
     except Aborted:
         return JSONResponse(ApiError(499, "client disconnected", None, "client_disconnected").body(), 499)
     finally:
