@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from localist.model.blocks import BlockError, LocalistParams
 
@@ -144,8 +145,6 @@ WORKER = _WorkerState()
 # --------------------------------------------------------------------------------------------------
 # The state channel: a V1 logits processor that never changes logits.
 
-from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality  # noqa: E402
-
 
 class LocalistRowState(LogitsProcessor):
     """Keeps ``row → RequestState`` for the model; validates the JSON at admission (→ HTTP 400)."""
@@ -164,6 +163,8 @@ class LocalistRowState(LogitsProcessor):
         params = LocalistParams.from_json(raw, len(rho) if isinstance(rho, list) and rho else 1)
         # The prompt is not known here either: check the spans against their own extent.
         params.table(max((int(s[1]) for s in params.blocks), default=1))
+        if params.request_id and sampling_params.n != 1:
+            raise BlockError("n", "a localist request with an id needs n = 1: statistics are kept per id")
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
         WORKER.num_layers = vllm_config.model_config.hf_config.num_hidden_layers
@@ -203,7 +204,7 @@ class LocalistRowState(LogitsProcessor):
         except BlockError as exc:
             # Only what the front end could not check lands here (spans against the prompt length,
             # per-layer list length): the request runs as stock and its record carries the error.
-            value = json.loads(params.extra_args[EXTRA_ARGS_KEY])
+            value = json.loads(params.extra_args[EXTRA_ARGS_KEY])  # valid JSON: checked at admission
             if isinstance(value, dict) and value.get("id"):
                 WORKER.record(str(value["id"])).error = str(exc)
             return None

@@ -47,7 +47,6 @@ void partials_impl(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& 
 
   at::parallel_for(0, R * Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(Gq * bs), ex(Gq * bs);
-    std::vector<float> kf(bs * D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t r = task / Hkv, h = task % Hkv;
       const int64_t S = sl[r];
@@ -68,22 +67,21 @@ void partials_impl(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& 
         const T* base = kvp + (bt[r * nblk + b] * Hkv + h) * 2 * bs * D;
         const T* K = base;            // [D, bs] if transposed, else [bs, D]
         const T* V = base + bs * D;   // [bs, D]
-        for (int64_t i = 0; i < bs * D; ++i) kf[i] = to_float(K[i]);
         for (int64_t gi = 0; gi < Gq; ++gi) {
           float* x = scores.data() + gi * bs;
           const float* qq = qh + gi * D;
-          if (k_transposed) {
+          if (k_transposed) {  // K^T rows are contiguous over the block's tokens: vectorise over t
             for (int64_t t = 0; t < bs; ++t) x[t] = 0.f;
             for (int64_t d = 0; d < D; ++d) {
               const float qd = qq[d];
-              const float* kd = kf.data() + d * bs;
-              for (int64_t t = 0; t < bs; ++t) x[t] += qd * kd[t];
+              const T* kd = K + d * bs;
+              for (int64_t t = 0; t < bs; ++t) x[t] += qd * to_float(kd[t]);
             }
           } else {
             for (int64_t t = 0; t < bs; ++t) {
               float acc = 0.f;
-              const float* kt = kf.data() + t * D;
-              for (int64_t d = 0; d < D; ++d) acc += qq[d] * kt[d];
+              const T* kt = K + t * D;
+              for (int64_t d = 0; d < D; ++d) acc += qq[d] * to_float(kt[d]);
               x[t] = acc;
             }
           }
@@ -110,15 +108,13 @@ void partials_impl(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& 
           const int64_t g = idb[t];
           if (g < 0 || g >= G) continue;
           const T* vt = V + t * D;
-          float vf[512];
-          for (int64_t d = 0; d < D; ++d) vf[d] = to_float(vt[d]);
           for (int64_t gi = 0; gi < Gq; ++gi) {
             const float et = ex[gi * bs + t];
             const int64_t k = gi * G + g;
             s[k] += et;
             sw[k] += et * scores[gi * bs + t];
             float* ok = o + k * D;
-            for (int64_t d = 0; d < D; ++d) ok[d] += et * vf[d];
+            for (int64_t d = 0; d < D; ++d) ok[d] += et * to_float(vt[d]);
           }
         }
       }
