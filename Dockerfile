@@ -7,6 +7,8 @@
 #   docker build --build-arg BASE_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04 --build-arg EXTRA=cuda -t localist:cuda .
 # Run (SQLite audit store in the /data volume; see compose.yaml for PostgreSQL):
 #   docker run -p 8000:8000 -v localist-data:/data -v localist-keys:/keys localist:cpu
+# Model: `localist serve` uses /app/models/localist-tiny when present (e.g. `-v ./models:/app/models:ro`),
+# else it generates the untrained stand-in into /data once and says so loudly in the log.
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE}
 
