@@ -439,6 +439,8 @@ class _Transport:
     def __init__(self, base_url: str | None = None, api_key: str | None = None, *, timeout: float = 120.0,
                  max_retries: int = 3, backoff: float = 0.5, max_backoff: float = 20.0):
         self.base_url = (base_url or os.environ.get("LOCALIST_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url: expected http(s)://host:port, got {self.base_url!r}")
         self.api_key = api_key if api_key is not None else os.environ.get("LOCALIST_API_KEY")
         self.timeout = timeout
         self.max_retries = max_retries

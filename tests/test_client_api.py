@@ -9,6 +9,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from localist.clients import _core, client, stubs
 
 
@@ -63,3 +65,11 @@ def test_type_checker_sees_the_real_types(tmp_path):
                         '"typing.AsyncIterator[localist.clients.models.AuditSummary]"'], proc.stdout
     errors = [line for line in proc.stdout.splitlines() if ": error:" in line]
     assert len(errors) == 1 and 'Argument "max_tokens" to "chat" of "Client"' in errors[0], proc.stdout
+
+
+def test_base_url_must_be_http(monkeypatch):
+    with pytest.raises(ValueError, match="base_url: expected http"):
+        client.Client("localhost:8000")
+    monkeypatch.setenv("LOCALIST_BASE_URL", "https://audit.example:8443/")
+    with client.Client() as from_env:
+        assert from_env.base_url == "https://audit.example:8443"
