@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import re
 import shutil
 import socket
@@ -148,3 +149,33 @@ def test_compose_serves_on_8000_with_postgresql():
     assert "LOCALIST_ADMIN_KEY" in app["environment"]
     mounts = {m.split(":")[1] for m in app["volumes"]}
     assert {"/data", "/keys"} <= mounts and all(m.split(":")[0] in compose["volumes"] for m in app["volumes"])
+
+
+def test_compose_database_url_serves_the_audit_store(tmp_path):
+    """compose.yaml's LOCALIST_DB_URL, pointed at a real PostgreSQL 15 holding the role and database its
+    db service creates, is what `localist keys create|list` (as documented in compose.yaml) run against."""
+    import psycopg
+    from pg import postgres_server
+    from sqlalchemy.engine import make_url
+
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    db_env = compose["services"]["db"]["environment"]
+    template = compose["services"]["localist"]["environment"]["LOCALIST_DB_URL"]
+    assert "docker compose exec localist localist keys create --tenant acme" in (ROOT / "compose.yaml").read_text()
+    with postgres_server() as admin_url:
+        user, database = db_env["POSTGRES_USER"], db_env["POSTGRES_DB"]
+        with psycopg.connect(admin_url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as conn:
+            conn.execute(f"CREATE ROLE {user} LOGIN PASSWORD 'compose-secret'")
+            conn.execute(f"CREATE DATABASE {database} OWNER {user}")
+        port = make_url(admin_url).port
+        url = re.sub(r"\$\{POSTGRES_PASSWORD[^}]*\}", "compose-secret", template).replace("@db:5432", f"@127.0.0.1:{port}")
+        env = {**os.environ, "LOCALIST_DB_URL": url, "LOCALIST_HOME": str(tmp_path)}
+        cli = [sys.executable, "-m", "localist.clients.cli", "keys"]
+        created = subprocess.run([*cli, "create", "--tenant", "acme", "--json"], env=env, capture_output=True,
+                                 text=True, timeout=300)
+        assert created.returncode == 0, created.stderr
+        key = json.loads(created.stdout)
+        listed = subprocess.run([*cli, "list", "--json"], env=env, capture_output=True, text=True, timeout=300)
+        assert listed.returncode == 0, listed.stderr
+    assert key["tenant"] == "acme" and key["token"].startswith("lk_")
+    assert [k["key_id"] for k in json.loads(listed.stdout)] == [key["key_id"]]
