@@ -291,10 +291,9 @@ class LocalistAttentionLayer(Attention):
             values = v_cache[p.block_index].permute(1, 0, 2, 3).reshape(Hkv, -1, D)[:, :S]
         rows = q[p.query_start: p.query_start + p.query_len].view(p.query_len, Hkv, g, D)
         first_pos = S - p.query_len
-        chunk = max(1, min(p.query_len, _PREFILL_BUDGET // (H * S)))
         rho = p.rho[layer].view(1)
-        for a in range(0, p.query_len, chunk):
-            b = min(a + chunk, p.query_len)
+
+        def localist_chunk(a: int, b: int):
             n, Tk = b - a, first_pos + b
             queries = rows[a:b].permute(1, 2, 0, 3).reshape(1, Hkv, g * n, D)
             positions = torch.arange(first_pos + a, first_pos + b)
@@ -304,12 +303,35 @@ class LocalistAttentionLayer(Attention):
                 queries, keys[None, :, :Tk], values[None, :, :Tk], p.block_ids[None, :Tk], rho,
                 p.pinned[None], self.impl.scale, key_visible=visible,
             )
-            out[p.query_start + a: p.query_start + b] = (
-                o.view(Hkv, g, n, D).permute(2, 0, 1, 3).reshape(n, H, D).to(out.dtype)
+            return o.view(Hkv, g, n, D).permute(2, 0, 1, 3).reshape(n, H, D), st
+
+        if float(rho) == 0.0:
+            # ρ = 0 is the base attention: a fused kernel gives the outputs, and only the query that
+            # produces a token pays for its statistics (SPEC §8: ρ = 0 pays only the metrics).
+            o = torch.nn.functional.scaled_dot_product_attention(
+                rows.reshape(1, p.query_len, H, D).transpose(1, 2), keys[None], values[None],
+                attn_mask=None if first_pos == 0 else
+                torch.arange(S).unsqueeze(0) <= torch.arange(first_pos, S).unsqueeze(1),
+                is_causal=first_pos == 0, scale=self.impl.scale, enable_gqa=g > 1,
             )
+            out[p.query_start: p.query_start + p.query_len] = o[0].transpose(0, 1).to(out.dtype)
+            if p.keep is not None:
+                _, st = localist_chunk(p.query_len - 1, p.query_len)
+                p.stats.append(self._last_query_stats(st, 1))
+            return
+        chunk = max(1, min(p.query_len, _PREFILL_BUDGET // (H * S)))
+        for a in range(0, p.query_len, chunk):
+            b = min(a + chunk, p.query_len)
+            o, st = localist_chunk(a, b)
+            out[p.query_start + a: p.query_start + b] = o.to(out.dtype)
         if p.keep is not None:
-            last = torch.stack([st.log_mass, st.mass, st.inner_entropy]).view(3, Hkv, g, n, -1)[:, :, :, -1]
-            p.stats.append(last.reshape(3, H, -1))
+            p.stats.append(self._last_query_stats(st, b - a))
+
+    def _last_query_stats(self, st, n: int) -> torch.Tensor:
+        """[3, H, G] statistics of the chunk's last query (grouped heads unfolded)."""
+        Hkv, g = self.num_kv_heads, self.num_heads // self.num_kv_heads
+        last = torch.stack([st.log_mass, st.mass, st.inner_entropy]).view(3, Hkv, g, n, -1)[:, :, :, -1]
+        return last.reshape(3, self.num_heads, -1)
 
 
 def _localize(model: torch.nn.Module, vllm_config) -> None:
