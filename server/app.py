@@ -17,7 +17,7 @@ from localist.model.blocks import MAX_BLOCKS
 from localist.server import errors
 from localist.server.auth import Limiter
 from localist.server.observability import Metrics, RequestIdMiddleware
-from localist.server.routers import audit, ops, openai_api
+from localist.server.routers import audit, keys, ops, openai_api
 
 log = logging.getLogger("localist.server")
 
@@ -109,6 +109,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestIdMiddleware, metrics=app.state.metrics)
     app.include_router(openai_api.router)
     app.include_router(audit.router)
+    app.include_router(keys.router)
     app.include_router(ops.router)
     return app
 

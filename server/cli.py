@@ -93,42 +93,77 @@ def _store(args: argparse.Namespace):
     return AuditStore(args.db or default_db_url())
 
 
-def _keys_create(args: argparse.Namespace) -> int:
+def _http(args: argparse.Namespace, method: str, path: str, **kwargs) -> dict:
+    """Key management through a running server with an admin key (``--url``)."""
+    import httpx
+
+    key = args.api_key or os.environ.get("LOCALIST_API_KEY")
+    if not key:
+        raise SystemExit("localist keys: --url needs an admin key (--api-key or $LOCALIST_API_KEY)")
+    r = httpx.request(method, args.url.rstrip("/") + path, headers={"Authorization": f"Bearer {key}"},
+                      timeout=30, **kwargs)
+    if r.status_code >= 400:
+        try:
+            message = r.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = r.text
+        raise SystemExit(f"localist keys: HTTP {r.status_code}: {message}")
+    return r.json()
+
+
+def _key_dicts_create(args: argparse.Namespace) -> tuple[str, dict]:
+    if args.url:
+        body = {"tenant": args.tenant, "name": args.name, "admin": args.admin,
+                "rate_limit_per_min": args.rate_limit, "max_concurrency": args.max_concurrency}
+        out = _http(args, "POST", "/v1/keys", json={k: v for k, v in body.items() if v is not None})
+        return out["token"], out["key"]
     with _store(args) as store:
         token, key = store.create_key(tenant=args.tenant, name=args.name or f"{args.tenant} key", admin=args.admin,
                                       rate_limit_per_min=args.rate_limit, max_concurrency=args.max_concurrency,
                                       actor="cli")
+    return token, key.to_dict()
+
+
+def _keys_create(args: argparse.Namespace) -> int:
+    token, key = _key_dicts_create(args)
     if args.json:
-        print(json.dumps({"token": token, **key.to_dict()}))
+        print(json.dumps({"token": token, **key}))
     else:
-        print(f"key {key.key_id} for tenant {key.tenant}{' (admin)' if key.admin else ''} created.\n"
+        print(f"key {key['key_id']} for tenant {key['tenant']}{' (admin)' if key['admin'] else ''} created.\n"
               f"token (shown once, stored only as a hash): {token}")
     return 0
 
 
 def _keys_list(args: argparse.Namespace) -> int:
-    with _store(args) as store:
-        keys = store.list_keys(include_revoked=args.all)
+    if args.url:
+        keys = _http(args, "GET", "/v1/keys", params={"include_revoked": str(args.all).lower()})["data"]
+    else:
+        with _store(args) as store:
+            keys = [k.to_dict() for k in store.list_keys(include_revoked=args.all)]
     if args.json:
-        print(json.dumps([k.to_dict() for k in keys]))
+        print(json.dumps(keys))
         return 0
     print(f"{'key id':18} {'tenant':16} {'admin':6} {'rate/min':9} {'concurrency':12} {'state':8} name")
     for k in keys:
-        print(f"{k.key_id:18} {k.tenant:16} {'yes' if k.admin else '':6} {str(k.rate_limit_per_min or '-'):9} "
-              f"{str(k.max_concurrency or '-'):12} {'active' if k.active else 'revoked':8} {k.name}")
+        print(f"{k['key_id']:18} {k['tenant']:16} {'yes' if k['admin'] else '':6} "
+              f"{str(k['rate_limit_per_min'] or '-'):9} {str(k['max_concurrency'] or '-'):12} "
+              f"{'active' if k['revoked_us'] is None else 'revoked':8} {k['name']}")
     return 0
 
 
 def _keys_revoke(args: argparse.Namespace) -> int:
     from localist.server.store import NotFound
 
-    with _store(args) as store:
-        try:
-            key = store.revoke_key(args.key_id, actor="cli")
-        except NotFound as exc:
-            print(f"localist keys revoke: {exc}", file=sys.stderr)
-            return 1
-    print(f"key {key.key_id} (tenant {key.tenant}) revoked.")
+    if args.url:
+        key = _http(args, "DELETE", f"/v1/keys/{args.key_id}")
+    else:
+        with _store(args) as store:
+            try:
+                key = store.revoke_key(args.key_id, actor="cli").to_dict()
+            except NotFound as exc:
+                print(f"localist keys revoke: {exc}", file=sys.stderr)
+                return 1
+    print(f"key {key['key_id']} (tenant {key['tenant']}) revoked.")
     return 0
 
 
@@ -181,5 +216,9 @@ def add_commands(subparsers) -> None:
     revoke.add_argument("key_id")
     revoke.set_defaults(func=_keys_revoke)
     for p in (create, listing, revoke):
-        p.add_argument("--db", help="audit store URL (default: $LOCALIST_DB_URL or sqlite under $LOCALIST_HOME)")
+        p.add_argument("--db", help="audit store URL, used directly (default: $LOCALIST_DB_URL or sqlite under "
+                       "$LOCALIST_HOME)")
+        p.add_argument("--url", default=os.environ.get("LOCALIST_URL"),
+                       help="manage keys through a running server instead (needs an admin key)")
+        p.add_argument("--api-key", help="admin key for --url (default: $LOCALIST_API_KEY)")
         p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -375,6 +375,39 @@ class Health(_Response):
     dev_mode: bool = Field(description="No API key configured: every caller is the admin of tenant `default`.")
 
 
+# --------------------------------------------------------------------------- keys
+
+
+class KeyCreate(_Request):
+    tenant: str = Field(min_length=1, max_length=128)
+    name: str | None = Field(None, min_length=1, max_length=256)
+    admin: bool = Field(False, description="May manage keys and read every tenant's records.")
+    rate_limit_per_min: int | None = Field(None, ge=1, description="Requests per minute (per server process).")
+    max_concurrency: int | None = Field(None, ge=1, description="Concurrent generations (per server process).")
+
+
+class KeyInfo(_Response):
+    key_id: str
+    tenant: str
+    name: str
+    admin: bool
+    created_us: int
+    revoked_us: int | None
+    rate_limit_per_min: int | None
+    max_concurrency: int | None
+    active: bool
+
+
+class KeyCreated(_Response):
+    token: str = Field(description="The secret, shown once: send it as `Authorization: Bearer <token>`.")
+    key: KeyInfo
+
+
+class KeyList(_Response):
+    object: Literal["list"] = "list"
+    data: list[KeyInfo]
+
+
 # --------------------------------------------------------------------------- audit
 
 

@@ -253,3 +253,38 @@ async def test_concurrent_requests_each_stored_once_and_chain_valid(localist_ser
         assert rec["status"] == "completed" and rec["output"]["usage"]["completion_tokens"] >= 2
     v = (await api.post("/v1/audit/verify")).json()
     assert v["ok"] and v["first_broken"] is None
+
+
+async def test_admin_key_manages_keys_over_http(localist_server, api, tenant_api):
+    r = await api.post("/v1/keys", json={"tenant": "beta", "name": "beta app", "max_concurrency": 2})
+    assert r.status_code == 200, r.text
+    created = r.json()
+    token, kid = created["token"], created["key"]["key_id"]
+    assert created["key"]["tenant"] == "beta" and created["key"]["active"] and token.startswith("lk_")
+    listed = (await api.get("/v1/keys")).json()["data"]
+    assert kid in [k["key_id"] for k in listed] and all("token" not in k for k in listed)
+    async with httpx.AsyncClient(base_url=localist_server.base_url,
+                                 headers={"Authorization": f"Bearer {token}"}) as beta:
+        assert (await beta.get("/v1/models")).status_code == 200
+        assert (await api.delete(f"/v1/keys/{kid}")).json()["active"] is False
+        assert (await beta.get("/v1/models")).status_code == 401
+    assert kid not in [k["key_id"] for k in (await api.get("/v1/keys")).json()["data"]]
+    assert kid in [k["key_id"] for k in (await api.get("/v1/keys", params={"include_revoked": True})).json()["data"]]
+    assert (await tenant_api.get("/v1/keys")).status_code == 403
+    assert (await tenant_api.post("/v1/keys", json={"tenant": "acme", "admin": True})).status_code == 403
+    bad = await api.post("/v1/keys", json={"tenant": "", "rate_limit_per_min": 0})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] in ("tenant", "rate_limit_per_min")
+    assert (await api.delete("/v1/keys/0000000000000000")).status_code == 404
+    # the CLI through the server with an admin key
+    out = json.loads(subprocess.run(
+        [sys.executable, "-m", "localist.clients.cli", "keys", "create", "--tenant", "gamma", "--json",
+         "--url", localist_server.base_url, "--api-key", localist_server.admin_key],
+        capture_output=True, text=True, env=server_env(localist_server.home), timeout=120, check=True).stdout)
+    assert out["tenant"] == "gamma"
+    events = (await api.get("/v1/audit", params={"kind": "key", "limit": 1000})).json()["data"]
+    assert {f"key-create-{kid}", f"key-revoke-{kid}", f"key-create-{out['key_id']}"} <= {e["id"] for e in events}
+    denied = subprocess.run(
+        [sys.executable, "-m", "localist.clients.cli", "keys", "list", "--url", localist_server.base_url,
+         "--api-key", localist_server.tenant_key], capture_output=True, text=True,
+        env=server_env(localist_server.home), timeout=120)
+    assert denied.returncode != 0 and "403" in denied.stderr
