@@ -37,6 +37,9 @@ from .models import (
     ChatCompletionResponse,
     CompletionResponse,
     Health,
+    KeyCreated,
+    KeyInfo,
+    KeyList,
     LocalistResult,
     ModelList,
     ReplayResult,
@@ -344,6 +347,30 @@ class _AuditEndpoints:
         return _json(response, VerifyResult)
 
 
+class _KeysEndpoints:
+    """``client.keys``: API keys, with an admin key (each action is itself an audit record)."""
+
+    @call
+    def create(self, tenant: str, *, name: str | None = None, admin: bool = False,
+               rate_limit_per_min: int | None = None, max_concurrency: int | None = None) -> Op[KeyCreated]:
+        """A new key for ``tenant``; its token is in the result, once."""
+        body = {"tenant": tenant, "name": name, "admin": admin, "rate_limit_per_min": rate_limit_per_min,
+                "max_concurrency": max_concurrency}
+        response = yield Call("POST", "/v1/keys", json={k: v for k, v in body.items() if v is not None})
+        return _json(response, KeyCreated)
+
+    @call
+    def list(self, *, include_revoked: bool = False) -> Op[KeyList]:
+        response = yield Call("GET", "/v1/keys", params={"include_revoked": str(include_revoked).lower()})
+        return _json(response, KeyList)
+
+    @call
+    def revoke(self, key_id: str) -> Op[KeyInfo]:
+        """Revoke a key (idempotent); requests with it are refused from then on."""
+        response = yield Call("DELETE", f"/v1/keys/{key_id}")
+        return _json(response, KeyInfo)
+
+
 class _Endpoints:
     """The generation, model and health endpoints."""
 
@@ -570,6 +597,7 @@ class _SyncConnection(_Transport, _SyncRunner):
         super().__init__(base_url, api_key, **settings)
         self._http = httpx.Client(base_url=self.base_url, headers=self._headers(), timeout=self.timeout)
         self.audit = self._audit_cls(self)
+        self.keys = self._keys_cls(self)
 
     def _send(self, c: Call) -> httpx.Response:
         request = self._request(self._http, c)
@@ -607,6 +635,7 @@ class _AsyncConnection(_Transport, _AsyncRunner):
         super().__init__(base_url, api_key, **settings)
         self._http = httpx.AsyncClient(base_url=self.base_url, headers=self._headers(), timeout=self.timeout)
         self.audit = self._audit_cls(self)
+        self.keys = self._keys_cls(self)
 
     async def _send(self, c: Call) -> httpx.Response:
         request = self._request(self._http, c)
@@ -664,6 +693,7 @@ def endpoints(cls: type) -> dict[str, Callable]:
 
 AUDIT_DOC = ("Audit records of the caller's tenant: ``get``, ``list`` (auto-paginated), ``report``, ``verify``, "
              "``redact``, ``replay``.")
+KEYS_DOC = "API keys (admin key only): ``create``, ``list``, ``revoke``."
 CLIENT_DOC = """Client of a localist server{kind}.
 
 ``Client(base_url=None, api_key=None, *, timeout=120, max_retries=3, backoff=0.5, max_backoff=20)``;
@@ -672,5 +702,5 @@ CLIENT_DOC = """Client of a localist server{kind}.
 with exponential backoff (the server's Retry-After wins); other errors raise at once, as subclasses of
 :class:`localist.clients.errors.APIError` carrying the server's message and the offending ``param``.
 Endpoints: ``chat``, ``complete``, ``chat_stream``, ``complete_stream``, ``models``, ``health`` and
-``audit.get/list/report/verify/redact/replay``.
+``audit.get/list/report/verify/redact/replay`` and (admin key) ``keys.create/list/revoke``.
 """

@@ -7,6 +7,7 @@ gives static type checkers the same signatures.
 from ._core import (
     AUDIT_DOC,
     CLIENT_DOC,
+    KEYS_DOC,
     AsyncStream,
     Stream,
     StreamDelta,
@@ -14,6 +15,7 @@ from ._core import (
     _AsyncRunner,
     _AuditEndpoints,
     _Endpoints,
+    _KeysEndpoints,
     _Namespace,
     _SyncConnection,
     _SyncRunner,
@@ -22,9 +24,13 @@ from ._core import (
 
 AuditAPI = twin("AuditAPI", (_Namespace, _SyncRunner), _AuditEndpoints, AUDIT_DOC)
 AsyncAuditAPI = twin("AsyncAuditAPI", (_Namespace, _AsyncRunner), _AuditEndpoints, AUDIT_DOC)
-Client = twin("Client", (_SyncConnection,), _Endpoints, CLIENT_DOC.format(kind=""), _audit_cls=AuditAPI)
+KeysAPI = twin("KeysAPI", (_Namespace, _SyncRunner), _KeysEndpoints, KEYS_DOC)
+AsyncKeysAPI = twin("AsyncKeysAPI", (_Namespace, _AsyncRunner), _KeysEndpoints, KEYS_DOC)
+Client = twin("Client", (_SyncConnection,), _Endpoints, CLIENT_DOC.format(kind=""), _audit_cls=AuditAPI,
+              _keys_cls=KeysAPI)
 AsyncClient = twin("AsyncClient", (_AsyncConnection,), _Endpoints,
                    CLIENT_DOC.format(kind=", async (every endpoint is awaited; lists are async iterators)"),
-                   _audit_cls=AsyncAuditAPI)
+                   _audit_cls=AsyncAuditAPI, _keys_cls=AsyncKeysAPI)
 
-__all__ = ["AsyncAuditAPI", "AsyncClient", "AsyncStream", "AuditAPI", "Client", "Stream", "StreamDelta"]
+__all__ = ["AsyncAuditAPI", "AsyncClient", "AsyncKeysAPI", "AsyncStream", "AuditAPI", "Client", "KeysAPI", "Stream",
+           "StreamDelta"]

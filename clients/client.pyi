@@ -16,6 +16,9 @@ from ._core import (
     Health,
     Iterable,
     Iterator,
+    KeyCreated,
+    KeyInfo,
+    KeyList,
     Locality,
     Mapping,
     Messages,
@@ -28,7 +31,7 @@ from ._core import AsyncStream as AsyncStream
 from ._core import Stream as Stream
 from ._core import StreamDelta as StreamDelta
 
-__all__ = ['AsyncAuditAPI', 'AsyncClient', 'AsyncStream', 'AuditAPI', 'Client', 'Stream', 'StreamDelta']
+__all__ = ['AsyncAuditAPI', 'AsyncClient', 'AsyncKeysAPI', 'AsyncStream', 'AuditAPI', 'Client', 'KeysAPI', 'Stream', 'StreamDelta']
 
 class AuditAPI:
     def get(self, audit_id: str) -> AuditRecord:
@@ -60,8 +63,25 @@ class AsyncAuditAPI:
         """Check the hash chain and its signed heads; ``first_broken`` names the first bad link."""
 
 
+class KeysAPI:
+    def create(self, tenant: str, *, name: str | None = ..., admin: bool = ..., rate_limit_per_min: int | None = ..., max_concurrency: int | None = ...) -> KeyCreated:
+        """A new key for ``tenant``; its token is in the result, once."""
+    def list(self, *, include_revoked: bool = ...) -> KeyList: ...
+    def revoke(self, key_id: str) -> KeyInfo:
+        """Revoke a key (idempotent); requests with it are refused from then on."""
+
+
+class AsyncKeysAPI:
+    async def create(self, tenant: str, *, name: str | None = ..., admin: bool = ..., rate_limit_per_min: int | None = ..., max_concurrency: int | None = ...) -> KeyCreated:
+        """A new key for ``tenant``; its token is in the result, once."""
+    async def list(self, *, include_revoked: bool = ...) -> KeyList: ...
+    async def revoke(self, key_id: str) -> KeyInfo:
+        """Revoke a key (idempotent); requests with it are refused from then on."""
+
+
 class Client:
     audit: AuditAPI
+    keys: KeysAPI
     base_url: str
     api_key: str | None
     timeout: float
@@ -86,6 +106,7 @@ class Client:
 
 class AsyncClient:
     audit: AsyncAuditAPI
+    keys: AsyncKeysAPI
     base_url: str
     api_key: str | None
     timeout: float

@@ -312,8 +312,36 @@ class Health(_Model):
     status: Literal["ok", "degraded"]
     model: str
     engine: Literal["running", "dead"]
+    engine_requests: int
     audit_store: Literal["ok", "error"]
     dev_mode: bool
+
+
+# --------------------------------------------------------------------------- API keys (admin)
+
+
+class KeyInfo(_Model):
+    key_id: str
+    tenant: str
+    name: str
+    admin: bool
+    created_us: int
+    revoked_us: int | None
+    rate_limit_per_min: int | None
+    max_concurrency: int | None
+    active: bool
+
+
+class KeyCreated(_Model):
+    """``token`` is the secret, shown once (the server keeps only its hash)."""
+
+    token: str
+    key: KeyInfo
+
+
+class KeyList(_Model):
+    object: Literal["list"] = "list"
+    data: list[KeyInfo]
 
 
 # --------------------------------------------------------------------------- audit
@@ -414,7 +442,8 @@ WIRE_MODELS: tuple[type[BaseModel], ...] = (
     ErrorBody, ErrorResponse, BlockSpec, Dial, BlockInfo, Entropy, Theory, TokenMetrics, ResponseMetrics,
     LocalistResult, TokenAttribution, LocalistDelta, Usage, TopLogprob, TokenLogprob, ChatLogprobs,
     AssistantMessage, ChatChoice, ChatCompletionResponse, ChatDelta, ChatChunkChoice, ChatCompletionChunk,
-    CompletionLogprobs, CompletionChoice, CompletionResponse, ModelInfo, ModelList, Health, RecordHashes,
+    CompletionLogprobs, CompletionChoice, CompletionResponse, ModelInfo, ModelList, Health, KeyInfo, KeyCreated, KeyList,
+    RecordHashes,
     AuditSummary, AuditRecord, AuditList, BrokenLink, VerifyResult, ReplayChoice,
     ReplayResult, AuditReport,
 )

@@ -15,6 +15,7 @@ from localist.clients import (
     Client,
     ConflictError,
     NotFoundError,
+    PermissionDeniedError,
     RateLimitError,
 )
 from localist.clients.models import AuditReport, ChatCompletionResponse, LocalistResult
@@ -200,12 +201,9 @@ def test_blocks_are_checked_before_sending(client):
         client.chat("hi", blocks=[BlockSpec(label="A", text="x"), {"label": "B", "text": "y", "pinned": "yes"}])
 
 
-def test_rate_limit_reaches_the_caller(localist_server):
+def test_rate_limit_reaches_the_caller(client, localist_server):
     """A key limited to one request a minute: the second answer is the server's 429, as RateLimitError."""
-    from localist.server.store import AuditStore
-
-    with AuditStore(localist_server.db_url) as store:
-        token, _ = store.create_key(tenant="acme", name="one a minute", rate_limit_per_min=1, actor="test_client")
+    token = client.keys.create("acme", name="one a minute", rate_limit_per_min=1).token
     with Client(localist_server.base_url, token, max_retries=0) as limited:
         assert limited.models().data
         with pytest.raises(RateLimitError) as limit:
@@ -253,3 +251,21 @@ def test_redaction_erases_the_payload_and_keeps_the_chain(client):
     with pytest.raises(ConflictError) as again:
         client.audit.redact(audit_id, "twice")
     assert again.value.status_code == 409
+
+
+def test_keys_create_list_revoke(client, localist_server):
+    created = client.keys.create("globex", name="globex app", max_concurrency=2)
+    assert created.key.tenant == "globex" and created.key.active and created.key.max_concurrency == 2
+    assert created.key.key_id in {k.key_id for k in client.keys.list().data}
+    with Client(localist_server.base_url, created.token, max_retries=0) as globex:
+        answer = globex.chat("hello", max_tokens=2)
+        assert [r.id for r in globex.audit.list()] == [answer.localist.audit_id]  # its own records only
+        with pytest.raises(PermissionDeniedError) as denied:
+            globex.keys.list()
+        assert denied.value.status_code == 403
+        revoked = client.keys.revoke(created.key.key_id)
+        assert not revoked.active and revoked.revoked_us is not None
+        with pytest.raises(AuthenticationError):
+            globex.models()
+    assert created.key.key_id not in {k.key_id for k in client.keys.list().data}
+    assert created.key.key_id in {k.key_id for k in client.keys.list(include_revoked=True).data}

@@ -15,7 +15,8 @@ from localist.clients import _core, client, stubs
 
 
 def test_twins_have_the_same_endpoints_and_parameters():
-    for sync, asynchronous in ((client.Client, client.AsyncClient), (client.AuditAPI, client.AsyncAuditAPI)):
+    for sync, asynchronous in ((client.Client, client.AsyncClient), (client.AuditAPI, client.AsyncAuditAPI),
+                               (client.KeysAPI, client.AsyncKeysAPI)):
         names = set(_core.endpoints(sync))
         assert names == set(_core.endpoints(asynchronous)) and names
         for name in names:
@@ -27,6 +28,7 @@ def test_twins_have_the_same_endpoints_and_parameters():
     assert set(_core.endpoints(client.Client)) == {"chat", "complete", "chat_stream", "complete_stream", "models",
                                                     "health"}
     assert set(_core.endpoints(client.AuditAPI)) == {"get", "list", "report", "verify", "redact", "replay"}
+    assert set(_core.endpoints(client.KeysAPI)) == {"create", "list", "revoke"}
 
 
 def test_stub_is_current():

@@ -24,7 +24,8 @@ from localist.clients import (
     ServerError,
 )
 
-HEALTH = {"status": "ok", "model": "m", "engine": "running", "audit_store": "ok", "dev_mode": False}
+HEALTH = {"status": "ok", "model": "m", "engine": "running", "engine_requests": 0, "audit_store": "ok",
+          "dev_mode": False}
 
 
 def error(message: str, type_: str, param: str | None = None) -> bytes:
