@@ -371,6 +371,7 @@ class Health(_Response):
     status: Literal["ok", "degraded"]
     model: str
     engine: Literal["running", "dead"]
+    engine_requests: int = Field(description="Requests unfinished in the engine (running or waiting).")
     audit_store: Literal["ok", "error"]
     dev_mode: bool = Field(description="No API key configured: every caller is the admin of tenant `default`.")
 

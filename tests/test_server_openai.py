@@ -269,3 +269,5 @@ async def test_non_streaming_disconnect_aborts(localist_server, api):
     rec = (await api.get(f"/v1/audit/{new[0]['id']}")).json()
     assert len(rec["output"]["choices"]) == 8
     assert all(len(c["token_ids"]) < 480 for c in rec["output"]["choices"])
+    # the engine dropped all eight (generating the rest would take seconds)
+    assert (await api.get("/health")).json()["engine_requests"] == 0

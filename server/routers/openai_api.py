@@ -51,6 +51,7 @@ class Run:
         self.stats = [ChoiceStats(engine_id) for engine_id, _ in prep.choices]
         self.first_token_at: float | None = None
         self.result: S.LocalistResult | None = None
+        self.stored_as: str | None = None  # set before the write starts: one record per request, ever
 
     async def choice_outputs(self, i: int) -> AsyncIterator[int]:
         """Drive choice ``i`` through the engine; yields after each new output."""
@@ -132,7 +133,12 @@ class Run:
         }
 
     async def store(self, status: str, error: str | None = None):
-        """Durable write through the store's writer thread (never blocks the event loop)."""
+        """Durable write through the store's writer thread (never blocks the event loop). A write that
+        started is finished by the writer even if this task is cancelled, so a later abort is not stored
+        twice."""
+        if self.stored_as is not None:
+            return None
+        self.stored_as = status
         receipt = await self.app.state.store.arecord(self.record(status, error))
         m = self.app.state.metrics
         m.requests.labels(self.prep.endpoint, status).inc()
@@ -149,8 +155,12 @@ class Run:
         async def write():
             try:
                 await self.release_stats()
-            finally:
+            except Exception:  # noqa: BLE001 — the record matters more than the statistics
+                log.exception("releasing statistics of %s failed", self.prep.request_id)
+            try:
                 await self.store(status, error)
+            except Exception:  # noqa: BLE001 — nobody awaits this task: say it loudly
+                log.exception("storing the %s record of %s failed", status, self.prep.request_id)
 
         task = asyncio.get_running_loop().create_task(write())
         self.app.state.background.add(task)

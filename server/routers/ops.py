@@ -22,7 +22,9 @@ async def health(request: Request, response: Response):
     ok = engine_ok and store_ok
     response.status_code = 200 if ok else 503
     return S.Health(status="ok" if ok else "degraded", model=state.engine.name,
-                    engine="running" if engine_ok else "dead", audit_store="ok" if store_ok else "error",
+                    engine="running" if engine_ok else "dead",
+                    engine_requests=state.engine.llm.get_num_unfinished_requests() if engine_ok else 0,
+                    audit_store="ok" if store_ok else "error",
                     dev_mode=state.dev_mode)
 
 
