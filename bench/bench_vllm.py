@@ -54,8 +54,8 @@ def layout(n: int, i: int) -> list[list]:
 
 
 def dial(i: int, num_layers: int) -> list[float]:
-    """Mixed dials across the batch: 0, 0.5, 0.9, 1 and a per-layer ramp."""
-    choices = [0.0, 0.5, 0.9, 1.0, None]
+    """Mixed dials across the batch: 0.5, 0.9, 1, a per-layer ramp and 0 (a lone request gets 0.5)."""
+    choices = [0.5, 0.9, 1.0, None, 0.0]
     c = choices[i % len(choices)]
     return [round(l / (num_layers - 1), 3) for l in range(num_layers)] if c is None else [c] * num_layers
 
@@ -152,7 +152,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"vllm_{mode}.json").write_text(json.dumps(report, indent=2))
     lines = [f"# localist vs stock vLLM ({mode})", "", f"`{command}` — {os.cpu_count()} CPUs, bf16, ≈110 M params, "
-             f"mixed ρ (0, 0.5, 0.9, 1, per-layer ramp), 8 blocks, per-token stats fetched and released. "
+             f"mixed ρ (16 concurrent: 0.5, 0.9, 1, per-layer ramp, 0 in turn; 1 concurrent: 0.5), 8 blocks, per-token stats fetched and released. "
              f"Host load average (1, 5, 15 min) before {tuple(round(x, 1) for x in load_before)}, after "
              f"{tuple(round(x, 1) for x in report['load_average_after'])}: other jobs shared the 2 cores.", "",
              "| prompt | concurrent | TTFT stock s | TTFT localist s | TTFT ratio | decode step stock ms | "
