@@ -110,7 +110,7 @@ class _Sampling(_Request):
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, allow_inf_nan=False)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, allow_inf_nan=False)
     stop: str | list[str] | None = Field(None, description="Up to 4 stop strings.")
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**62), le=2**62, description="Choice i uses seed + i.")
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None

@@ -36,6 +36,7 @@ CHAT_CASES = [
     ({"max_tokens": "5"}, 400, "max_tokens"),
     ({"max_tokens": 100000}, 400, "max_tokens"),
     ({"n": 0}, 400, "n"),
+    ({"seed": 2**70}, 400, "seed"),
     ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ({"stop": [""]}, 400, "stop[0]"),
     ({"top_logprobs": 2}, 400, "top_logprobs"),

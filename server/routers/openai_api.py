@@ -239,8 +239,13 @@ async def run_to_end(run: Run) -> None:
     exc = work.exception()
     if exc is not None:
         log.error("generation %s failed: %r", run.prep.request_id, exc)
-        run.store_in_background("failed", f"{type(exc).__name__}: {exc}")
-        raise ApiError(500, f"generation failed: {type(exc).__name__}: {exc}", None, "engine_error")
+        try:
+            await run.release_stats()
+        except Exception:  # noqa: BLE001 — a dead engine cannot release; the record still gets written
+            log.exception("releasing statistics of %s failed", run.prep.request_id)
+        await run.store("failed", f"{type(exc).__name__}: {exc!r}")
+        raise ApiError(500, f"generation failed: {type(exc).__name__}: {exc} (stored as audit record "
+                       f"{run.prep.request_id})", None, "engine_error")
     await run.store("completed")
 
 
