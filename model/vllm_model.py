@@ -33,8 +33,9 @@ from localist.model.vllm_engine import WORKER, RequestState
 
 log = logging.getLogger(__name__)
 
-# Score elements per attention call in prefill (queries are chunked to stay under it).
-_PREFILL_BUDGET = 1 << 23
+# Score elements per attention call in prefill: queries are chunked so that the dense passes of
+# localist_attention stay cache-resident (measured ~10× faster than 8 M-element chunks at 512 tokens).
+_PREFILL_BUDGET = int(os.environ.get("LOCALIST_PREFILL_BUDGET", 1 << 19))
 _kernel: list = []  # [module or None] once loaded
 
 
@@ -342,6 +343,7 @@ def _localize(model: torch.nn.Module, vllm_config) -> None:
         if type(module) is Attention:
             module.__class__ = LocalistAttentionLayer
             module.localist_layer = extract_layer_index(module.layer_name)
+    paged_kernel()  # build (first start on a host) or load it now, not on the first request
 
 
 class LocalistLlamaForCausalLM(LlamaForCausalLM):

@@ -23,6 +23,9 @@ from localist.model.vllm_engine import (
 )
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+# Tiny query chunks inside each prefill row (the worker inherits the environment), so that the
+# chunk loop of the prefill path is exercised too, not only vLLM's own chunked prefill.
+os.environ["LOCALIST_PREFILL_BUDGET"] = "4096"
 NUM_LAYERS = 3
 MAX_TOKENS = 8
 CHUNK = 48  # scheduler token budget per step: longer prompts are prefilled in chunks
