@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from localist.model.attention import BlockStats
-from localist.model.metrics import metrics_for_table
+from localist.model.metrics import metrics_for_table, response_layout, response_metrics
 from localist.model.vllm_engine import fetch_stats
 from localist.server import schemas as S
 
@@ -50,7 +50,10 @@ class ChoiceStats:
         if self.have < num_tokens:
             raise StatsMissing(f"engine request {self.engine_id}: statistics for {self.have} of {num_tokens} "
                                "generated tokens")
-        return BlockStats(*(torch.cat(self.parts[k])[:num_tokens] for k in FIELDS))
+        for k in FIELDS:  # keep one tensor per field: streaming calls this once per delta
+            if len(self.parts[k]) > 1:
+                self.parts[k] = [torch.cat(self.parts[k])]
+        return BlockStats(*(self.parts[k][0][:num_tokens] for k in FIELDS))
 
 
 def _metrics_dict(prep, stats: ChoiceStats, level: str, num_tokens: int) -> dict:
@@ -73,13 +76,26 @@ async def choice_metrics(engine, prep, state, stats: ChoiceStats) -> S.ResponseM
     return S.ResponseMetrics(index=state.index, **_with_tokens(engine, state, record))
 
 
+def _delta_tokens(prep, stats: ChoiceStats, token_ids: list[int], start: int, end: int) -> list[S.TokenAttribution]:
+    """Metrics of tokens [start, end) alone: their rows and their slice of the response's layout."""
+    rows = stats.block_stats(end)
+    cand, pinned, visible = response_layout(prep.table, end)
+    cand = cand[start:end]
+    # a query's own block is not its candidate: the first token may not point at the last prompt block
+    target = prep.target if prep.target is not None and bool(cand[:, prep.target].any()) else None
+    m = response_metrics(BlockStats(*(getattr(rows, k)[start:end] for k in FIELDS)), cand, pinned,
+                         visible[start:end], target, prep.rho)
+    return [S.TokenAttribution(index=start + j, token_id=token_ids[start + j], attribution=t["attribution"],
+                               pointer_fidelity=t["pointer_fidelity"] if target is not None else None)
+            for j, t in enumerate(m.to_dict("per_token")["tokens"])]
+
+
 async def stream_tokens(engine, prep, token_ids: list[int], stats: ChoiceStats, start: int, end: int
                         ) -> list[S.TokenAttribution]:
-    """Per-token attribution of tokens [start, end) for a streaming delta (pointer fidelity against the
-    request's target, or the top candidate block so far)."""
+    """Per-token attribution of tokens [start, end) for a streaming delta. Pointer fidelity is against the
+    request's ``target_block``; without one it is null here (the response's top candidate block, the
+    default target, is only known at the end: the final event carries it)."""
     if end <= start:
         return []
     await stats.pull(engine)
-    record = await asyncio.to_thread(_metrics_dict, prep, stats, "per_token", end)
-    return [S.TokenAttribution(index=t["index"], token_id=token_ids[t["index"]], attribution=t["attribution"],
-                               pointer_fidelity=t["pointer_fidelity"]) for t in record["tokens"][start:end]]
+    return await asyncio.to_thread(_delta_tokens, prep, stats, token_ids, start, end)

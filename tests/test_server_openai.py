@@ -271,3 +271,17 @@ async def test_non_streaming_disconnect_aborts(localist_server, api):
     assert all(len(c["token_ids"]) < 480 for c in rec["output"]["choices"])
     # the engine dropped all eight (generating the rest would take seconds)
     assert (await api.get("/health")).json()["engine_requests"] == 0
+
+
+async def test_streamed_token_metrics_equal_the_final_record(localist_server, api):
+    """Per-token attribution/fidelity sent while streaming (computed per delta) equal the final per-token record."""
+    body = chat_body(localist_server, stream=True, locality=0.6, blocks=RULES, target_block="R2",
+                     audit="per_token", max_tokens=8, ignore_eos=True)
+    events = sse_events((await api.post("/v1/chat/completions", json=body)).text)
+    streamed = [t for e in events[:-2] for c in e["choices"] for t in (c.get("localist") or {}).get("tokens", [])]
+    final = events[-2]["localist"]["choices"][0]["tokens"]
+    assert len(streamed) == len(final) == 8
+    for s, f in zip(streamed, final):
+        assert s["index"] == f["index"] and s["token_id"] == f["token_id"]
+        assert s["attribution"] == pytest.approx(f["attribution"], abs=1e-6)
+        assert s["pointer_fidelity"] == pytest.approx(f["pointer_fidelity"], abs=1e-6)
