@@ -237,8 +237,9 @@ class TokenAttribution(_Response):
 
     index: int = Field(description="Position of the token in the choice's output.")
     token_id: int
-    attribution: list[float]
-    pointer_fidelity: float | None
+    attribution: list[float] = Field(description="π over blocks, mean over layers and heads.")
+    pointer_fidelity: float | None = Field(description="Against the request's `target_block`; null without one "
+                                           "(the default target is known only at the end).")
 
 
 class LocalistDelta(_Response):
