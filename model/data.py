@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 from localist.model.blocks import BlockTable, Span, table_from_chat
+from localist.model.recruitment import apply_layout
 
 SPLITS = ("train", "validation", "test")
 
@@ -45,17 +46,18 @@ DOMAINS = {
 }
 
 # Rule templates: the first four are for training and validation, the rest only appear in test.
+# Rule templates: the first four are for training and validation, the rest only appear in test. The
+# entity follows the anchor in every template (a heading), so a rule can be found by what it is about.
 RULE_TEMPLATES = [
-    "[{id}] {area} rule for {entity}: if the {qty} exceeds {thr} {unit}, the decision is {above}; "
+    "[{id}] {entity}. {area} rule: if the {qty} exceeds {thr} {unit}, the decision is {above}; "
     "otherwise it is {below}.",
-    "[{id}] {Entity} with a {qty} above {thr} {unit}: {above}. At or below {thr} {unit}: {below}.",
-    "[{id}] When a {entity} case has a {qty} over {thr} {unit} the outcome is {above}, and {below} "
-    "in all other cases.",
-    "[{id}] {area}. {Entity}: maximum {qty} {thr} {unit}. Above it: {above}. Otherwise: {below}.",
+    "[{id}] {entity} with a {qty} above {thr} {unit}: {above}. At or below {thr} {unit}: {below}.",
+    "[{id}] {entity} cases: a {qty} over {thr} {unit} means {above}, and {below} in all other cases.",
+    "[{id}] {entity}: maximum {qty} {thr} {unit}. Above it: {above}. Otherwise: {below}.",
     # held out
-    "[{id}] For {entity}, a {qty} higher than {thr} {unit} requires the decision {above}; a lower "
-    "one gets {below}.",
-    "[{id}] {area} limit for {entity} is {thr} {unit} of {qty}. Exceeded: {above}. Not exceeded: {below}.",
+    "[{id}] {entity}. A {qty} higher than {thr} {unit} requires the decision {above}; a lower one "
+    "gets {below}.",
+    "[{id}] {entity}: {area} limit {thr} {unit} of {qty}. Exceeded: {above}. Not exceeded: {below}.",
 ]
 QUESTION_TEMPLATES = [
     "Case: a {entity} with a {qty} of {val} {unit}. Which rule applies, and what is the decision?",
@@ -70,9 +72,9 @@ LAST = ["Berg", "Costa", "Dahl", "Engel", "Fischer", "Garcia", "Hansen", "Ivanov
 FIELDS = ["credit score", "age", "risk score", "income band", "account age", "open loans",
           "years employed", "claims filed"]
 DOC_TEMPLATES = [
-    "[{id}] File of {name}. {F1}: {v1}. {F2}: {v2}. {F3}: {v3}.",
+    "[{id}] {name}, file. {F1}: {v1}. {F2}: {v2}. {F3}: {v3}.",
     "[{id}] {name}, record: {f1} {v1}, {f2} {v2}, {f3} {v3}.",
-    "[{id}] Case document for {name}: the {f1} is {v1}, the {f2} is {v2} and the {f3} is {v3}.",
+    "[{id}] {name}, case document: the {f1} is {v1}, the {f2} is {v2} and the {f3} is {v3}.",
     # held out
     "[{id}] {name}. Recorded {f1} = {v1}; {f2} = {v2}; {f3} = {v3}.",
 ]
@@ -100,7 +102,7 @@ class Evidence:
         if self.kind == "rule":
             area, (qty, unit) = DOMAINS[f["domain"]][0], DOMAINS[f["domain"]][1]
             return RULE_TEMPLATES[self.template].format(
-                id=self.label, area=area, entity=f["entity"], Entity=f["entity"][0].upper() + f["entity"][1:],
+                id=self.label, area=area, entity=f["entity"],
                 qty=qty, unit=unit, thr=f["thr"], above=f["above"], below=f["below"],
             )
         names = f["fields"]
@@ -254,8 +256,14 @@ class Encoded:
         return self.table.block_ids() + [self.table.response_id] * len(self.answer_ids)
 
 
-def encode(example: Example, tokenizer) -> Encoded:
-    """Blocks via the product's chat builder (so training sees what serving builds), plus the answer."""
+def encode(example: Example, tokenizer, split_kinds: Sequence[str] = ()) -> Encoded:
+    """Blocks via the product's chat builder (so training sees what serving builds), plus the answer.
+
+    ``split_kinds`` is the layout recruited in training (SPEC §6): blocks of those kinds are split
+    at their sentence ends.
+    """
     table = table_from_chat(tokenizer, example.messages(), spans={1: example.spans()})
+    if split_kinds:
+        table = apply_layout(table, tokenizer, split_kinds)[0]
     answer = list(tokenizer(example.answer, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
     return Encoded(table, answer, table.index(example.target))

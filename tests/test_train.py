@@ -1,0 +1,131 @@
+"""Dial-aware training (SPEC §5) and recruitment (SPEC §6): a tiny real run on CPU."""
+import json
+import math
+
+import pytest
+import torch
+
+from localist.model.attention import BlockStats
+from localist.model.blocks import Block, BlockTable
+from localist.model.recruitment import greedy_split, split_block, split_cost
+from localist.model.tokenizer import train_tokenizer
+from localist.model.train import (
+    Batch, TrainConfig, Trainer, candidate_entropy, load_layout, mu_at, sample_rho,
+)
+
+
+def tiny(out, **kw):
+    base = dict(out=str(out), steps=40, batch_size=8, lr=3e-3, warmup=5, hidden_size=64, num_layers=2, num_heads=2,
+                intermediate_size=128, vocab_size=600, tokenizer_examples=200, max_blocks=4, eval_every=20,
+                eval_examples=8, recruit_every=20, recruit_probes=4, checkpoint_every=20, rho_ramp=(0.0, 0.5),
+                mu_ramp=(0.2, 0.5), progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    torch.set_num_threads(2)
+    out = tmp_path_factory.mktemp("run")
+    Trainer(tiny(out)).run()
+    return out
+
+
+def test_loss_falls_and_everything_is_logged(run):
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 41))
+    first = sum(r["nll"] for r in log[:5]) / 5
+    last = sum(r["nll"] for r in log[-5:]) / 5
+    assert last < first - 1.0, (first, last)
+    assert log[0]["mu"] == 0.0 and log[-1]["mu"] == 0.25  # the penalty ramps in
+    assert "validation" in log[19] and "rho=0.9" in log[19]["validation"]
+
+
+def test_recruitment_decisions_are_logged_with_gain_and_cost(run):
+    decisions = [json.loads(line) for line in (run / "recruitment.jsonl").read_text().splitlines()]
+    assert {d["step"] for d in decisions} == {20, 40}
+    for d in decisions:
+        assert d["cost_nats"] > 0 and d["splits"] >= 1
+        assert d["accepted"] == (d["gain_nats"] > d["cost_nats"]) or not d["accepted"]
+    assert load_layout(run) == [d["move"].removeprefix("split kind ") for d in decisions if d["accepted"]]
+
+
+def test_export_is_a_stock_hf_checkpoint_that_loads_in_the_reference_model(run):
+    from localist.model.reference import ReferenceLM
+
+    lm = ReferenceLM.from_pretrained(run)
+    assert lm.model.config.model_type == "llama" and lm.tokenizer.chat_template
+    meta = json.loads((run / "localist.json").read_text())
+    assert meta["steps_done"] == 40 and meta["training"]["seed"] == 0
+
+
+def test_resume_continues_exactly(tmp_path):
+    torch.set_num_threads(2)
+    cfg = dict(steps=12, checkpoint_every=6, eval_every=100, recruit_every=0)
+    straight = Trainer(tiny(tmp_path / "a", **cfg))
+    straight.run()
+    half = Trainer(tiny(tmp_path / "b", **cfg))
+    for batch, _ in zip(half.loader(), range(6)):
+        half.train_step(batch)
+    half._save_checkpoint()
+    resumed = Trainer(tiny(tmp_path / "b", **cfg))
+    assert resumed.step == 6
+    resumed.run()
+    for (name, p), q in zip(straight.model.named_parameters(), resumed.model.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), name
+
+
+def test_dial_is_sampled_per_sequence_and_ramps():
+    cfg = tiny("/tmp/unused", steps=100, rho_ramp=(0.2, 0.4), rho_max=0.95)
+    assert torch.equal(sample_rho(cfg, 7, 64), sample_rho(cfg, 7, 64))
+    assert float(sample_rho(cfg, 10, 64).max()) == 0.0  # before the ramp: plain LM
+    late = sample_rho(cfg, 90, 256)
+    assert 0.0 < float(late.max()) < 0.95 and float((late == 0).float().mean()) > 0.1
+    assert mu_at(cfg, 0) == 0.0 and mu_at(cfg, 100) == cfg.mu
+
+
+def test_invalid_config_names_the_field():
+    with pytest.raises(ValueError, match="num_heads"):
+        tiny("/tmp/unused", hidden_size=64, num_heads=4).validate()
+    with pytest.raises(ValueError, match="rho_max"):
+        tiny("/tmp/unused", rho_max=1.0).validate()
+
+
+def test_candidate_entropy_counts_only_pointing_queries():
+    # blocks: 0 sink, 1 and 2 evidence, 3 question; two queries: one inside evidence, one in the question
+    mass = torch.tensor([[0.1, 0.9, 0.0, 0.0], [0.2, 0.2, 0.2, 0.4]]).view(1, 1, 2, 4)
+    stats = BlockStats(log_mass=torch.zeros(1, 1, 2, 4), mass=mass, inner_entropy=torch.zeros(1, 1, 2, 4))
+    batch = Batch(
+        input_ids=torch.zeros(1, 2, dtype=torch.long), block_ids=torch.tensor([[1, 3]]),
+        pinned=torch.tensor([[True, False, False, False]]), candidate=torch.tensor([[False, True, True, False]]),
+        target=torch.tensor([1]), weights=torch.zeros(1, 1), answer=torch.zeros(1, 1, dtype=torch.bool),
+    )
+    assert float(candidate_entropy([stats], batch)) == pytest.approx(math.log(2))
+
+
+def test_split_cost_is_in_nats():
+    assert split_cost(3, 5) == pytest.approx(math.log(3) + math.log(5))
+    assert split_cost(3, 5, new_params=10, num_tokens=100, extra=1.0) == pytest.approx(
+        math.log(15) + 5 * math.log(100) + 1.0)
+    with pytest.raises(ValueError, match="extra"):
+        split_cost(3, 5, extra=-1)
+
+
+def test_greedy_split_accepts_only_gains_above_cost_and_stops():
+    tok = train_tokenizer(["Case one. Case two. Which rule?"] * 20, vocab_size=300, min_frequency=1)
+    ids = [tok.bos_token_id] + tok("Case one. Case two. Which rule?", add_special_tokens=False)["input_ids"]
+    n = len(ids)
+    table = BlockTable([Block(0, "sink", "sink", 0, 1, pinned=True), Block(1, "q", "user", 1, n),
+                        Block(2, "response", "response", n, n)], ids)
+    # a layout that separates the first sentence is worth 10 nats; nothing else helps
+    def nll(t):
+        return 20.0 - (10.0 if any(b.label.startswith("q.") for b in t.blocks) and t.num_blocks == 4 else 0.0)
+
+    new, decisions = greedy_split(table, tok, nll)
+    assert [d.accepted for d in decisions] == [True, False]
+    assert decisions[0].gain_nats == pytest.approx(10.0) and decisions[0].cost_nats == pytest.approx(
+        math.log(2) + math.log(4))
+    assert new.num_blocks == 4 and new.blocks[1].kind == new.blocks[2].kind == "user"
+    assert tok.decode(new.token_ids[new.blocks[1].start:new.blocks[1].end]).endswith(".")
+    with pytest.raises(ValueError, match="strictly inside"):
+        split_block(table, 1, 1)
