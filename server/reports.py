@@ -101,13 +101,13 @@ def render_html(report: S.AuditReport) -> str:
     rho = (localist.get("locality") or {}).get("rho") or request.get("rho")
     created = datetime.fromtimestamp(rec.created_us / 1e6, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     if ver.ok:
-        verdict = f'<span class="ok">✔ chain verified</span> — {ver.checked} records checked'
-        verdict += f", signed up to seq {ver.signed_seq}" if ver.signed_seq is not None else ", no signed checkpoint yet"
+        verdict = (f'<span class="ok">✔ record verified</span> — its hashes, and {ver.links_checked} link(s) of the '
+                   f'chain from it')
+        covered = (f"Covered by the signed checkpoint at seq {ver.checkpoint_seq}" if ver.checkpoint_seq is not None
+                   else "Not yet covered by a signed checkpoint (the head is signed periodically)")
     else:
-        fb = ver.first_broken
-        verdict = (f'<span class="bad">✘ chain broken</span> at seq {_e(fb.seq if fb else "?")}: '
-                   f'{_e(fb.reason if fb else "")}')
-    covered = rec.seq <= (ver.signed_seq or 0)
+        verdict = f'<span class="bad">✘ verification failed</span> at record {_e(ver.seq)}: {_e(ver.reason)}'
+        covered = "Do not rely on this record"
     target_source = first.get("target_source")
     fidelity_row = (f'<tr><th>Pointer fidelity F</th><td>{_num(first.get("pointer_fidelity"))}</td>'
                     f'<td>≥ {_num(theory.get("fidelity_bound"))} (bound)</td>'
@@ -125,8 +125,7 @@ def render_html(report: S.AuditReport) -> str:
         preset=_e((localist.get("locality") or {}).get("preset") or "—"),
         audit_level=_e(localist.get("audit") or request.get("audit") or "—"),
         verdict=verdict,
-        covered="This record is covered by a signed checkpoint" if covered else
-        "This record is not yet covered by a signed checkpoint",
+        covered=covered,
         hashes="<br>".join(f"{k}: <code>{_e(v)}</code>" for k, v in rec.hashes.model_dump().items()),
         redacted='<p class="bad">The payload of this record was erased (redaction); hashes remain.</p>'
         if rec.redacted else "",

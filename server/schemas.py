@@ -498,8 +498,31 @@ class ReplayResult(_Response):
     localist: LocalistResult = Field(description="Metrics of the replay.")
 
 
+class RecordVerification(_Response):
+    """One record checked on its own: its hashes and the links from it up to the next signed checkpoint."""
+
+    ok: bool
+    record_id: str
+    seq: int
+    reason: str | None = Field(description="Why the check failed.")
+    redacted: bool
+    checkpoint_seq: int | None = Field(description="The trusted signed checkpoint committing to this record; "
+                                       "null while none covers it yet.")
+    links_checked: int
+
+
 class AuditReport(_Response):
     """The JSON form of the compliance report (the HTML report shows the same)."""
 
     record: AuditRecord
-    verification: VerifyResult
+    verification: RecordVerification
+
+
+class PurgeRequest(_Request):
+    before: float | str = Field(description="Erase payloads of request records created before this time "
+                                "(unix seconds or ISO 8601 with a zone).")
+    tenant: str | None = Field(None, min_length=1, max_length=128, description="Only this tenant (default: all).")
+
+
+class PurgeResult(_Response):
+    erased: int = Field(description="Payloads erased; one retention record lists them.")

@@ -149,7 +149,7 @@ async def test_verify_signatures_tamper_and_restore(localist_server, api):
         assert not broken["ok"] and broken["first_broken"]["seq"] == seq
         assert broken["first_broken"]["record_id"] == body["id"] and "payload" in broken["first_broken"]["reason"]
         report = (await api.get(f"/v1/audit/{body['id']}/report", params={"format": "html"})).text
-        assert "chain broken" in report
+        assert "verification failed" in report and "payload altered" in report
     finally:
         with db:
             db.execute("UPDATE audit_payloads SET body = ? WHERE seq = ?", (original, seq))
@@ -288,3 +288,38 @@ async def test_admin_key_manages_keys_over_http(localist_server, api, tenant_api
          "--api-key", localist_server.tenant_key], capture_output=True, text=True,
         env=server_env(localist_server.home), timeout=120)
     assert denied.returncode != 0 and "403" in denied.stderr
+
+
+async def test_retention_purge_and_public_key(localist_server, api, tenant_api):
+    from localist.server.store import AuditStore
+
+    created = (await api.post("/v1/keys", json={"tenant": "retention"})).json()
+    async with httpx.AsyncClient(base_url=localist_server.base_url, timeout=60,
+                                 headers={"Authorization": f"Bearer {created['token']}"}) as client:
+        old = (await chat(client, localist_server))["id"]
+        cutoff = time.time()
+        await asyncio.sleep(0.05)
+        new = (await chat(client, localist_server))["id"]
+        assert (await client.post("/v1/audit/purge", json={"before": cutoff})).status_code == 403
+    assert (await tenant_api.post("/v1/audit/purge", json={"before": cutoff})).status_code == 403
+    r = await api.post("/v1/audit/purge", json={"before": cutoff, "tenant": "retention"})
+    assert r.status_code == 200 and r.json() == {"erased": 1}
+    assert (await api.get(f"/v1/audit/{old}")).json()["redacted"] is True
+    assert (await api.get(f"/v1/audit/{new}")).json()["output"] is not None
+    assert (await api.post("/v1/audit/verify")).json()["ok"]
+    bad = await api.post("/v1/audit/purge", json={"before": "soon"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "before"
+    # the published key verifies the stored checkpoints outside the server
+    pem = (await tenant_api.get("/v1/audit/public-key"))
+    assert pem.status_code == 200 and pem.text.startswith("-----BEGIN PUBLIC KEY-----")
+    for _ in range(50):
+        with AuditStore(localist_server.db_url) as store:
+            report = store.verify(public_keys=[pem.text.encode()])
+        if report.signed_seq is not None:
+            break
+        await asyncio.sleep(0.2)
+    assert report.ok and report.signed_seq is not None and report.signatures_valid >= 1
+    with AuditStore(localist_server.db_url) as store:
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+        stranger = store.verify(public_keys=[Ed25519PrivateKey.generate()])
+    assert stranger.signed_seq is None and stranger.signatures_untrusted >= 1

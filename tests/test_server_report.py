@@ -48,7 +48,8 @@ async def test_json_report(localist_server, api, report_record):
     assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
     rep = r.json()
     assert rep["record"]["id"] == report_record["id"] and rep["record"]["metrics"]["localist"] == report_record["localist"]
-    assert rep["verification"]["ok"] is True
+    assert rep["verification"]["ok"] is True and rep["verification"]["seq"] == rep["record"]["seq"]
+    assert rep["verification"]["links_checked"] >= 1
 
 
 async def test_html_report_is_self_contained_with_heatmap(localist_server, api, report_record):
@@ -63,7 +64,7 @@ async def test_html_report_is_self_contained_with_heatmap(localist_server, api, 
     assert heatmap.count("<rect") == len(blocks) * len(tokens) == len(blocks) * 24
     for b in BLOCKS:
         assert f">{b['label']}" in page
-    assert "chain verified" in page and "◀ target" in page
+    assert "record verified" in page and "◀ target" in page
     assert f"{m['pointer_fidelity']:.3f}" in page
 
 

@@ -5,11 +5,12 @@ A tenant sees only its own records (an admin key sees all); a record another ten
 """
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime
 from typing import Literal
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from localist.server import schemas as S
@@ -18,7 +19,7 @@ from localist.server.errors import ApiError
 from localist.server.generation import prepare_replay
 from localist.server.routers.openai_api import Aborted, Run, run_to_end
 from localist.server.reports import render_html
-from localist.server.store import NotFound, RecordError
+from localist.server.store import ALL_TENANTS, NotFound, RecordError, load_public_key, public_key_pem
 
 router = APIRouter(prefix="/v1/audit", tags=["audit"])
 ERRORS = {code: {"model": S.ErrorResponse} for code in (400, 401, 403, 404, 429)}
@@ -103,6 +104,17 @@ def _verify_result(report, who: Principal) -> S.VerifyResult:
                           signatures_untrusted=report.signatures_untrusted, redacted=report.redacted)
 
 
+@router.get("/public-key", response_class=PlainTextResponse, responses={
+    **ERRORS, 200: {"content": {"application/x-pem-file": {"schema": {"type": "string"}}}}})
+async def public_key(request: Request, who: Principal = Depends(principal)):
+    """The Ed25519 public key that signs the chain head, for verifying checkpoints outside the server."""
+    path = request.app.state.settings.signing_key
+    if path is None:
+        raise ApiError(404, "this server does not sign its audit chain (started with --no-signing)", None,
+                       "not_signing")
+    return PlainTextResponse(public_key_pem(load_public_key(path)).decode(), media_type="application/x-pem-file")
+
+
 @router.get("/{record_id}", response_model=S.AuditRecord, responses=ERRORS)
 async def get_record(record_id: str, request: Request, who: Principal = Depends(principal)):
     return S.AuditRecord(**await _record(request, who, record_id))
@@ -114,14 +126,29 @@ async def report(record_id: str, request: Request, who: Principal = Depends(prin
                  format: Literal["json", "html"] | None = Query(
                      None, description="Default: html when the Accept header prefers it, else json.")):
     """The compliance report: block table, attribution heatmap, entropy and fidelity against the theory's
-    bounds, and the chain's verification status."""
+    bounds, and this record's verification (its hashes and the links up to the next signed checkpoint)."""
+    store = request.app.state.store
     record = S.AuditRecord(**await _record(request, who, record_id))
-    verification = _verify_result(await request.app.state.store.averify(), who)
-    body = S.AuditReport(record=record, verification=verification)
+    proof = await store.averify_record(record_id, tenant=who.scope)
+    body = S.AuditReport(record=record, verification=S.RecordVerification(**dataclasses.asdict(proof)))
     wants_html = format == "html" or (format is None and "text/html" in request.headers.get("accept", ""))
     if wants_html:
         return HTMLResponse(render_html(body))
     return body
+
+
+@router.post("/purge", response_model=S.PurgeResult, responses=ERRORS)
+async def purge(body: S.PurgeRequest, request: Request, who: Principal = Depends(principal)):
+    """Retention (admin): erase the payloads of request records created before ``before``; hashes stay, so
+    the chain stays valid, and one chained retention record lists what was erased."""
+    require_admin(who)
+    before = _when(str(body.before), "before")
+    try:
+        erased = await request.app.state.store.apurge_payloads(
+            before=before, tenant=ALL_TENANTS if body.tenant is None else body.tenant, actor=who.actor)
+    except RecordError as exc:
+        raise _store_error(exc) from None
+    return S.PurgeResult(erased=erased)
 
 
 class RedactRequest(BaseModel):
