@@ -42,6 +42,7 @@ from .models import (
     KeyList,
     LocalistResult,
     ModelList,
+    PurgeResult,
     ReplayResult,
     TokenAttribution,
     Usage,
@@ -339,6 +340,20 @@ class _AuditEndpoints:
         """Re-run a stored request from its replay data; ``matches`` says whether every token came back."""
         response = yield Call("POST", f"/v1/audit/{audit_id}/replay")
         return _json(response, ReplayResult)
+
+    @call
+    def purge(self, before: float | str, *, tenant: str | None = None) -> Op[PurgeResult]:
+        """Retention (admin key): erase the payloads of request records created before ``before``
+        (unix seconds or ISO 8601), of one tenant or all; the chain keeps their hashes."""
+        body = {"before": before} | ({"tenant": tenant} if tenant is not None else {})
+        response = yield Call("POST", "/v1/audit/purge", json=body)
+        return _json(response, PurgeResult)
+
+    @call
+    def public_key(self) -> Op[str]:
+        """The PEM Ed25519 public key that signs the chain head, to check checkpoints elsewhere."""
+        response = yield Call("GET", "/v1/audit/public-key", accept="application/x-pem-file")
+        return response.text
 
     @call
     def verify(self) -> Op[VerifyResult]:
@@ -692,7 +707,7 @@ def endpoints(cls: type) -> dict[str, Callable]:
 
 
 AUDIT_DOC = ("Audit records of the caller's tenant: ``get``, ``list`` (auto-paginated), ``report``, ``verify``, "
-             "``redact``, ``replay``.")
+             "``redact``, ``replay``; ``purge`` (admin) and ``public_key``.")
 KEYS_DOC = "API keys (admin key only): ``create``, ``list``, ``revoke``."
 CLIENT_DOC = """Client of a localist server{kind}.
 
@@ -702,5 +717,5 @@ CLIENT_DOC = """Client of a localist server{kind}.
 with exponential backoff (the server's Retry-After wins); other errors raise at once, as subclasses of
 :class:`localist.clients.errors.APIError` carrying the server's message and the offending ``param``.
 Endpoints: ``chat``, ``complete``, ``chat_stream``, ``complete_stream``, ``models``, ``health`` and
-``audit.get/list/report/verify/redact/replay`` and (admin key) ``keys.create/list/revoke``.
+``audit.get/list/report/verify/redact/replay/purge/public_key`` and (admin key) ``keys.create/list/revoke``.
 """

@@ -23,6 +23,7 @@ from ._core import (
     Mapping,
     Messages,
     ModelList,
+    PurgeResult,
     ReplayResult,
     ReportFormat,
     VerifyResult,
@@ -38,6 +39,10 @@ class AuditAPI:
         """One full audit record (the tenant's own only)."""
     def list(self, *, since: str | None = ..., until: str | None = ..., model: str | None = ..., rho_min: float | None = ..., rho_max: float | None = ..., fidelity_min: float | None = ..., fidelity_max: float | None = ..., block: str | None = ..., status: str | None = ..., page_size: int = ..., max_items: int | None = ...) -> Iterator[AuditSummary]:
         """Record headers matching the filters, newest first, fetching page after page as iteration goes."""
+    def public_key(self) -> str:
+        """The PEM Ed25519 public key that signs the chain head, to check checkpoints elsewhere."""
+    def purge(self, before: float | str, *, tenant: str | None = ...) -> PurgeResult:
+        """Retention (admin key): erase the payloads of request records created before ``before`` (unix seconds or ISO 8601), of one tenant or all; the chain keeps their hashes."""
     def redact(self, audit_id: str, reason: str) -> AuditSummary:
         """Erase a record's payload (e.g. on a data subject's request); the chain stays valid and a chained redaction record keeps who and why."""
     def replay(self, audit_id: str) -> ReplayResult:
@@ -53,6 +58,10 @@ class AsyncAuditAPI:
         """One full audit record (the tenant's own only)."""
     def list(self, *, since: str | None = ..., until: str | None = ..., model: str | None = ..., rho_min: float | None = ..., rho_max: float | None = ..., fidelity_min: float | None = ..., fidelity_max: float | None = ..., block: str | None = ..., status: str | None = ..., page_size: int = ..., max_items: int | None = ...) -> AsyncIterator[AuditSummary]:
         """Record headers matching the filters, newest first, fetching page after page as iteration goes."""
+    async def public_key(self) -> str:
+        """The PEM Ed25519 public key that signs the chain head, to check checkpoints elsewhere."""
+    async def purge(self, before: float | str, *, tenant: str | None = ...) -> PurgeResult:
+        """Retention (admin key): erase the payloads of request records created before ``before`` (unix seconds or ISO 8601), of one tenant or all; the chain keeps their hashes."""
     async def redact(self, audit_id: str, reason: str) -> AuditSummary:
         """Erase a record's payload (e.g. on a data subject's request); the chain stays valid and a chained redaction record keeps who and why."""
     async def replay(self, audit_id: str) -> ReplayResult:

@@ -432,9 +432,25 @@ class ReplayResult(_Model):
     localist: LocalistResult
 
 
+class RecordVerification(_Model):
+    """One record checked on its own: its hashes and the links up to the signed checkpoint covering it."""
+
+    ok: bool
+    record_id: str
+    seq: int
+    reason: str | None
+    redacted: bool
+    checkpoint_seq: int | None
+    links_checked: int
+
+
 class AuditReport(_Model):
     record: AuditRecord
-    verification: VerifyResult
+    verification: RecordVerification
+
+
+class PurgeResult(_Model):
+    erased: int
 
 
 # Every class the drift test compares with the server's models, by the server's name.
@@ -445,5 +461,5 @@ WIRE_MODELS: tuple[type[BaseModel], ...] = (
     CompletionLogprobs, CompletionChoice, CompletionResponse, ModelInfo, ModelList, Health, KeyInfo, KeyCreated, KeyList,
     RecordHashes,
     AuditSummary, AuditRecord, AuditList, BrokenLink, VerifyResult, ReplayChoice,
-    ReplayResult, AuditReport,
+    ReplayResult, RecordVerification, AuditReport, PurgeResult,
 )

@@ -162,6 +162,7 @@ def test_report_json_and_html(client, ruled, tmp_path):
     audit_id = ruled.localist.audit_id
     report = client.audit.report(audit_id, path=tmp_path / "r.json")
     assert isinstance(report, AuditReport) and report.record.id == audit_id and report.verification.ok
+    assert report.verification.record_id == audit_id and report.verification.seq == report.record.seq
     assert AuditReport.model_validate_json((tmp_path / "r.json").read_text()) == report
     html = client.audit.report(audit_id, format="html", path=tmp_path / "r.html")
     assert html.lstrip().lower().startswith("<!doctype html") and audit_id in html
@@ -269,3 +270,23 @@ def test_keys_create_list_revoke(client, localist_server):
             globex.models()
     assert created.key.key_id not in {k.key_id for k in client.keys.list().data}
     assert created.key.key_id in {k.key_id for k in client.keys.list(include_revoked=True).data}
+
+
+def test_purge_erases_one_tenants_old_payloads(client, localist_server):
+    """Retention scoped to a tenant of its own, so the session's other records keep their payloads."""
+    token = client.keys.create("purgeco").token
+    with Client(localist_server.base_url, token) as purgeco:
+        audit_id = purgeco.chat("old conversation", max_tokens=2).localist.audit_id
+    result = client.audit.purge(time.time() + 1, tenant="purgeco")
+    assert result.erased == 1
+    record = client.audit.get(audit_id)
+    assert record.redacted and record.output is None
+    assert client.audit.verify().ok
+
+
+def test_public_key_is_the_signing_keys_public_half(client, localist_server):
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_pem_private_key
+
+    pem = client.audit.public_key()
+    private = load_pem_private_key(localist_server.signing_key.read_bytes(), password=None)
+    assert pem.encode() == private.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)

@@ -27,7 +27,8 @@ def test_twins_have_the_same_endpoints_and_parameters():
             assert not inspect.iscoroutinefunction(s), name
     assert set(_core.endpoints(client.Client)) == {"chat", "complete", "chat_stream", "complete_stream", "models",
                                                     "health"}
-    assert set(_core.endpoints(client.AuditAPI)) == {"get", "list", "report", "verify", "redact", "replay"}
+    assert set(_core.endpoints(client.AuditAPI)) == {"get", "list", "report", "verify", "redact", "replay",
+                                                     "purge", "public_key"}
     assert set(_core.endpoints(client.KeysAPI)) == {"create", "list", "revoke"}
 
 
