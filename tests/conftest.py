@@ -3,10 +3,12 @@
 ``localist_server`` starts ``localist serve`` as a subprocess on a free 127.0.0.1 port, with an audit
 store in a temporary directory holding two keys created beforehand: an admin key (tenant ``admin``)
 and a tenant key (tenant ``acme``). Server and client tests share it; start-up takes about a minute
-on CPU, once.
+on CPU, once. ``LOCALIST_TEST_DB=postgresql`` puts the audit store on a real PostgreSQL 15 server
+started for the session (tests/pg.py) instead of SQLite.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -31,7 +33,6 @@ class LocalistServer:
     model: str
     model_dir: Path
     db_url: str
-    db_path: Path
     signing_key: Path
     home: Path
     log_path: Path
@@ -42,6 +43,18 @@ class LocalistServer:
 
     def log_tail(self, chars: int = 6000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:]
+
+    def sql(self, statement: str, **params):
+        """Run SQL on the audit database directly (what an attacker holding the database could do)."""
+        import sqlalchemy as sa
+
+        engine = sa.create_engine(self.db_url)
+        try:
+            with engine.begin() as conn:
+                result = conn.execute(sa.text(statement), params)
+                return result.all() if result.returns_rows else None
+        finally:
+            engine.dispose()
 
 
 def free_port() -> int:
@@ -65,8 +78,13 @@ def localist_server(tmp_path_factory) -> LocalistServer:
 
     root = tmp_path_factory.mktemp("localist-server")
     model_dir = make_tiny_checkpoint(root / MODEL_NAME)
-    db_path = root / "audit.db"
-    db_url = f"sqlite:///{db_path}"
+    stack = contextlib.ExitStack()
+    if os.environ.get("LOCALIST_TEST_DB") == "postgresql":
+        from pg import postgres_server
+
+        db_url = stack.enter_context(postgres_server())
+    else:
+        db_url = f"sqlite:///{root / 'audit.db'}"
     with AuditStore(db_url) as store:
         admin_key, _ = store.create_key(tenant="admin", name="test admin", admin=True, actor="conftest")
         tenant_key, _ = store.create_key(tenant="acme", name="acme app", actor="conftest")
@@ -79,7 +97,7 @@ def localist_server(tmp_path_factory) -> LocalistServer:
     with log_path.open("wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=server_env(root / "home"))
     server = LocalistServer(f"http://127.0.0.1:{port}", admin_key, tenant_key, "acme", MODEL_NAME, model_dir,
-                            db_url, db_path, signing_key, root / "home", log_path, proc)
+                            db_url, signing_key, root / "home", log_path, proc)
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while True:
         if proc.poll() is not None:
@@ -100,6 +118,7 @@ def localist_server(tmp_path_factory) -> LocalistServer:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+    stack.close()
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 import subprocess
 import sys
 import time
@@ -138,22 +137,18 @@ async def test_verify_signatures_tamper_and_restore(localist_server, api):
         await asyncio.sleep(0.2)
     assert v["ok"] and v["first_broken"] is None and v["signed_seq"] >= seq and v["signatures_valid"] >= 1
     assert v["checked"] == v["head_seq"] >= seq
-    db = sqlite3.connect(localist_server.db_path)
+    (original,) = localist_server.sql("SELECT body FROM audit_payloads WHERE seq = :seq", seq=seq)[0]
+    forged = json.loads(original)
+    forged["output"]["choices"][0]["text"] = "APPROVED"
+    localist_server.sql("UPDATE audit_payloads SET body = :body WHERE seq = :seq", body=json.dumps(forged), seq=seq)
     try:
-        (original,) = db.execute("SELECT body FROM audit_payloads WHERE seq = ?", (seq,)).fetchone()
-        forged = json.loads(original)
-        forged["output"]["choices"][0]["text"] = "APPROVED"
-        with db:
-            db.execute("UPDATE audit_payloads SET body = ? WHERE seq = ?", (json.dumps(forged), seq))
         broken = (await api.post("/v1/audit/verify")).json()
         assert not broken["ok"] and broken["first_broken"]["seq"] == seq
         assert broken["first_broken"]["record_id"] == body["id"] and "payload" in broken["first_broken"]["reason"]
         report = (await api.get(f"/v1/audit/{body['id']}/report", params={"format": "html"})).text
         assert "verification failed" in report and "payload altered" in report
     finally:
-        with db:
-            db.execute("UPDATE audit_payloads SET body = ? WHERE seq = ?", (original, seq))
-        db.close()
+        localist_server.sql("UPDATE audit_payloads SET body = :body WHERE seq = :seq", body=original, seq=seq)
     assert (await api.post("/v1/audit/verify")).json()["ok"]
 
 

@@ -49,10 +49,7 @@ CHAT_CASES = [
 
 
 def _count(localist_server) -> int:
-    import sqlite3
-
-    with sqlite3.connect(localist_server.db_path) as db:
-        return db.execute("SELECT COUNT(*) FROM audit_records WHERE kind = 'request'").fetchone()[0]
+    return localist_server.sql("SELECT COUNT(*) FROM audit_records WHERE kind = 'request'")[0][0]
 
 
 @pytest.mark.parametrize("extra,status,param", CHAT_CASES, ids=[c[2] + ":" + str(i) for i, c in enumerate(CHAT_CASES)])
