@@ -5,9 +5,11 @@ import argparse
 import json
 from dataclasses import MISSING, fields
 
+from localist.model.train_config import TrainConfig
+
 
 def _train(args: argparse.Namespace) -> int:
-    from localist.model.train import TrainConfig, train
+    from localist.model.train import train
 
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
     for name in ("mu_ramp", "rho_ramp"):
@@ -43,8 +45,6 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def add_commands(subparsers) -> None:
-    from localist.model.train import TrainConfig
-
     train = subparsers.add_parser("train", help="train the default localist model (data, tokenizer, dial, recruitment)")
     for f in fields(TrainConfig):
         if f.name == "progress":

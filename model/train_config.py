@@ -1,0 +1,59 @@
+"""Training settings, kept free of torch so that the CLI builds its flags without loading it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class TrainConfig:
+    out: str
+    seed: int = 0
+    steps: int = 6000
+    batch_size: int = 64
+    lr: float = 2e-3
+    warmup: int = 200
+    weight_decay: float = 0.01
+    mu: float = 0.25  # weight of the candidate block-entropy penalty (nats)
+    mu_ramp: tuple = (0.5, 0.75)  # μ grows linearly between these fractions of training (0 before)
+    rho_max: float = 0.95  # ρ ~ U(0, rho_max), or exactly 0 with probability rho_zero_share
+    rho_ramp: tuple = (0.3, 0.5)  # ρ = 0 before the first fraction; its range widens up to the second
+    rho_zero_share: float = 0.25
+    prompt_weight: float = 0.2  # next-token weight of prompt tokens (answer tokens weigh 1)
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 512
+    vocab_size: int = 2048
+    tokenizer_examples: int = 4000
+    min_blocks: int = 3
+    max_blocks: int = 8
+    checkpoint_every: int = 500
+    eval_every: int = 500
+    eval_examples: int = 128
+    recruit_every: int = 1000
+    recruit_probes: int = 32
+    recruit_rho: float = 0.9
+    recruit_extra_cost: float = 0.0
+    device: str = "cpu"
+    num_workers: int = 0  # data-building processes (the GPU run is otherwise bound by Python)
+    save_dtype: str = "float32"
+    progress: bool = True
+
+    def validate(self) -> None:
+        checks = {
+            "steps": self.steps >= 1, "batch_size": self.batch_size >= 1, "lr": self.lr > 0,
+            "mu": self.mu >= 0,
+            "mu_ramp": _is_ramp(self.mu_ramp), "rho_ramp": _is_ramp(self.rho_ramp),
+            "rho_max": 0 <= self.rho_max < 1, "rho_zero_share": 0 <= self.rho_zero_share <= 1,
+            "prompt_weight": self.prompt_weight >= 0, "recruit_rho": 0 <= self.recruit_rho <= 1,
+            "save_dtype": self.save_dtype in ("float32", "bfloat16"),
+            "num_heads": self.hidden_size % self.num_heads == 0 and self.hidden_size // self.num_heads >= 32,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"{name}: invalid value {getattr(self, name)!r}"
+                                 + (" (head_dim = hidden_size/num_heads must be ≥ 32)" if name == "num_heads" else ""))
+
+
+def _is_ramp(r) -> bool:
+    return len(r) == 2 and 0 <= r[0] <= r[1] <= 1
