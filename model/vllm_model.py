@@ -28,14 +28,14 @@ from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.utils import extract_layer_index
 
-from localist.model.attention import localist_attention, merge_block_partials
+from localist.model.attention import NEG_INF, dial_mass, localist_attention, merge_block_partials
 from localist.model.vllm_engine import WORKER, RequestState
 
 log = logging.getLogger(__name__)
 
-# Score elements per attention call in prefill: queries are chunked so that the dense passes of
-# localist_attention stay cache-resident (measured ~10× faster than 8 M-element chunks at 512 tokens).
-_PREFILL_BUDGET = int(os.environ.get("LOCALIST_PREFILL_BUDGET", 1 << 19))
+# Block-partial elements (queries × heads × blocks × head dim) per query chunk of a ρ > 0 prefill:
+# bounds the memory of the per-block outputs; 2k tokens × 12 heads × 8 blocks fit in one chunk.
+_PREFILL_BUDGET = int(os.environ.get("LOCALIST_PREFILL_BUDGET", 1 << 24))
 _kernel: list = []  # [module or None] once loaded
 
 
@@ -82,6 +82,7 @@ class _Prefill:
     seq_len: int
     block_index: torch.Tensor  # [nblk]
     block_ids: torch.Tensor  # [seq_len]
+    spans: list[tuple[int, int, int]]  # (block, start, end) of each block's key span, in order
     pinned: torch.Tensor  # [G]
     rho: torch.Tensor  # [L]
     keep: tuple[str, int] | None  # (request id, token index) when its last query produces a token
@@ -117,6 +118,16 @@ def _token_index(state: RequestState | None, seq_len: int) -> int | None:
     return seq_len - state.prompt_len
 
 
+def _spans(block_ids: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(block, start, end) of each run of equal block ids; blocks are contiguous (BlockTable.validate)."""
+    ids, counts = torch.unique_consecutive(block_ids, return_counts=True)
+    ends = counts.cumsum(0).tolist()
+    spans = [(g, a, b) for g, a, b in zip(ids.tolist(), [0] + ends[:-1], ends)]
+    if len({g for g, _, _ in spans}) != len(spans):
+        raise ValueError("localist: a block's tokens are not contiguous")
+    return spans
+
+
 def _build_plan(context, meta, block_size: int) -> _Plan | None:
     num_reqs = meta.seq_lens.shape[0]
     rows = WORKER.rows
@@ -135,7 +146,7 @@ def _build_plan(context, meta, block_size: int) -> _Plan | None:
         nblk = math.ceil(seq_len / block_size)
         token = _token_index(state, seq_len)
         prefills.append(_Prefill(
-            qsl[r], qlen, seq_len, meta.block_table[r, :nblk].long(), ids, pinned, rho,
+            qsl[r], qlen, seq_len, meta.block_table[r, :nblk].long(), ids, _spans(ids), pinned, rho,
             (state.request_id, token) if token is not None else None,
         ))
     decode = None
@@ -282,57 +293,83 @@ class LocalistAttentionLayer(Attention):
             d.stats.append(torch.stack([log_mass, mass, inner_entropy]).view(3, R, H, G))
 
     def _prefill(self, p: _Prefill, q, k, v, k_cache, v_cache, out, layer: int) -> None:
-        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_size
-        g, S = H // Hkv, p.seq_len
+        Hkv, D, S = self.num_kv_heads, self.head_size, p.seq_len
         if S == p.query_len:  # nothing cached before this chunk: the fresh K/V are all the keys
             keys = k[p.query_start: p.query_start + S].transpose(0, 1)
             values = v[p.query_start: p.query_start + S].transpose(0, 1)
         else:
             keys = k_cache[p.block_index].permute(1, 0, 3, 2).reshape(Hkv, -1, D)[:, :S].contiguous()
             values = v_cache[p.block_index].permute(1, 0, 2, 3).reshape(Hkv, -1, D)[:, :S]
-        rows = q[p.query_start: p.query_start + p.query_len].view(p.query_len, Hkv, g, D)
-        first_pos = S - p.query_len
-        rho = p.rho[layer].view(1)
-
-        def localist_chunk(a: int, b: int):
-            n, Tk = b - a, first_pos + b
-            queries = rows[a:b].permute(1, 2, 0, 3).reshape(1, Hkv, g * n, D)
-            positions = torch.arange(first_pos + a, first_pos + b)
-            causal = torch.arange(Tk).unsqueeze(0) <= positions.unsqueeze(1)  # [n, Tk]
-            visible = causal.unsqueeze(0).expand(g, n, Tk).reshape(1, g * n, Tk)
-            o, st = localist_attention(
-                queries, keys[None, :, :Tk], values[None, :, :Tk], p.block_ids[None, :Tk], rho,
-                p.pinned[None], self.impl.scale, key_visible=visible,
-            )
-            return o.view(Hkv, g, n, D).permute(2, 0, 1, 3).reshape(n, H, D), st
-
+        rows = q[p.query_start: p.query_start + p.query_len]  # [Tq, H, D]
+        rho = p.rho[layer]
         if float(rho) == 0.0:
-            # ρ = 0 is the base attention: a fused kernel gives the outputs, and only the query that
-            # produces a token pays for its statistics (SPEC §8: ρ = 0 pays only the metrics).
+            # ρ = 0 is the base attention: one fused causal call (SPEC §8: ρ = 0 pays only the metrics).
+            first_pos = S - p.query_len
             o = torch.nn.functional.scaled_dot_product_attention(
-                rows.reshape(1, p.query_len, H, D).transpose(1, 2), keys[None], values[None],
+                rows.transpose(0, 1)[None], keys[None], values[None],
                 attn_mask=None if first_pos == 0 else
                 torch.arange(S).unsqueeze(0) <= torch.arange(first_pos, S).unsqueeze(1),
-                is_causal=first_pos == 0, scale=self.impl.scale, enable_gqa=g > 1,
+                is_causal=first_pos == 0, scale=self.impl.scale, enable_gqa=Hkv != self.num_heads,
             )
             out[p.query_start: p.query_start + p.query_len] = o[0].transpose(0, 1).to(out.dtype)
-            if p.keep is not None:
-                _, st = localist_chunk(p.query_len - 1, p.query_len)
-                p.stats.append(self._last_query_stats(st, 1))
-            return
-        chunk = max(1, min(p.query_len, _PREFILL_BUDGET // (H * S)))
-        for a in range(0, p.query_len, chunk):
-            b = min(a + chunk, p.query_len)
-            o, st = localist_chunk(a, b)
-            out[p.query_start + a: p.query_start + b] = o.to(out.dtype)
+        else:
+            self._prefill_blocks(p, rows, keys, values, rho, out)
         if p.keep is not None:
-            p.stats.append(self._last_query_stats(st, b - a))
+            p.stats.append(self._last_query_stats(p, rows[-1], keys, values, rho))
 
-    def _last_query_stats(self, st, n: int) -> torch.Tensor:
-        """[3, H, G] statistics of the chunk's last query (grouped heads unfolded)."""
-        Hkv, g = self.num_kv_heads, self.num_heads // self.num_kv_heads
-        last = torch.stack([st.log_mass, st.mass, st.inner_entropy]).view(3, Hkv, g, n, -1)[:, :, :, -1]
-        return last.reshape(3, self.num_heads, -1)
+    def _prefill_blocks(self, p: _Prefill, rows, keys, values, rho, out) -> None:
+        """ρ > 0: per semantic block one fused SDPA call over the queries that see it, merged by the dial.
+
+        Blocks are contiguous key spans and attention is causal, so for block [a, b) the queries at
+        positions ≥ a see it through a top-left-aligned causal mask (a query inside the block sees
+        its keys up to itself, a later one all of them): one flash call returns the block's own
+        output o_g and log-mass L_g per query. π^ρ comes from ``dial_mass`` and the output is
+        Σ_g π^ρ_g o_g (SPEC §2 form 2); queries before a block leave its L_g at −inf (mass 0).
+        Queries are chunked so the partials stay bounded; a block that starts before the chunk is
+        split at the chunk start and its two halves merged by log-sum-exp.
+        """
+        H, D = self.num_heads, self.head_size
+        G, first_pos, scale = p.pinned.numel(), p.seq_len - p.query_len, self.impl.scale
+        sdpa = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        q_all, k_all, v_all = rows.transpose(0, 1)[None], keys[None], values[None]  # [1, H(kv), T, D]
+        chunk = max(1, _PREFILL_BUDGET // (H * G * D))
+        for c0 in range(0, p.query_len, chunk):
+            c1 = min(c0 + chunk, p.query_len)
+            P0, P1 = first_pos + c0, first_pos + c1  # positions of the chunk's queries
+            qc = q_all[:, :, c0:c1]
+            log_mass = torch.full((H, c1 - c0, G), NEG_INF)
+            parts = []
+            for g, a, b in p.spans:
+                if a >= P1:
+                    break
+                kg, vg = k_all[:, :, a:b], v_all[:, :, a:b]
+                if b <= P0:  # wholly before the chunk: every query sees all of it
+                    i, (o, lse) = 0, sdpa(qc, kg, vg, 0.0, False, scale=scale)
+                elif a >= P0:  # starts inside the chunk
+                    i, (o, lse) = a - P0, sdpa(qc[:, :, a - P0:], kg, vg, 0.0, True, scale=scale)
+                else:  # straddles the chunk start: keys before P0 unmasked, keys from P0 causal
+                    o1, l1 = sdpa(qc, kg[:, :, : P0 - a], vg[:, :, : P0 - a], 0.0, False, scale=scale)
+                    o2, l2 = sdpa(qc, kg[:, :, P0 - a:], vg[:, :, P0 - a:], 0.0, True, scale=scale)
+                    i, lse = 0, torch.logaddexp(l1, l2)
+                    o = o1 * (l1 - lse).exp().unsqueeze(-1) + o2 * (l2 - lse).exp().unsqueeze(-1)
+                log_mass[:, i:, g] = lse[0]
+                parts.append((g, i, o[0].transpose(0, 1)))  # [n_g, H, D]
+            mass = dial_mass(log_mass, rho, p.pinned).transpose(0, 1)  # [n, H, G]
+            merged = torch.zeros(c1 - c0, H, D)
+            for g, i, o in parts:
+                merged[i:].addcmul_(o, mass[i:, :, g, None])
+            out[p.query_start + c0: p.query_start + c1] = merged.to(out.dtype)
+
+    def _last_query_stats(self, p: _Prefill, query, keys, values, rho) -> torch.Tensor:
+        """[3, H, G] statistics of the row's last query (the one that produces a token), from the oracle."""
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_size
+        g = H // Hkv
+        visible = torch.ones(1, g, p.seq_len, dtype=torch.bool)  # the last query sees every key
+        _, st = localist_attention(
+            query.view(1, Hkv, g, D), keys[None], values[None], p.block_ids[None], rho.view(1),
+            p.pinned[None], self.impl.scale, key_visible=visible,
+        )
+        return torch.stack([st.log_mass, st.mass, st.inner_entropy]).view(3, H, -1)
 
 
 def _localize(model: torch.nn.Module, vllm_config) -> None:

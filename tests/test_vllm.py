@@ -23,8 +23,9 @@ from localist.model.vllm_engine import (
 )
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-# Tiny query chunks inside each prefill row (the worker inherits the environment), so that the
-# chunk loop of the prefill path is exercised too, not only vLLM's own chunked prefill.
+# Small query chunks inside each prefill row (4096 partial elements: a few queries with 4 heads of 32
+# and ~8 blocks; the worker inherits the environment), so that blocks straddling a chunk occur in the
+# engine too, not only under vLLM's own chunked prefill.
 os.environ["LOCALIST_PREFILL_BUDGET"] = "4096"
 NUM_LAYERS = 3
 MAX_TOKENS = 8
@@ -337,3 +338,56 @@ def test_paged_kernel_equals_torch_path(transposed):
     assert torch.equal(finite, torch.isfinite(st_k[0]))
     assert torch.allclose(st_k[0][finite], st_t[0][finite], atol=1e-5)
     assert torch.allclose(st_k[1:], st_t[1:], atol=1e-5)
+
+
+# ---- the blockwise prefill (fused SDPA per block + dial merge) against localist_attention ---------
+
+
+@pytest.mark.parametrize("budget", [1 << 24, 3 * 8 * 8 * 16], ids=["one-chunk", "query-chunks"])
+@pytest.mark.parametrize("cached", [0, 37], ids=["fresh", "chunked-prefill"])
+def test_blockwise_prefill_equals_torch_path(monkeypatch, budget, cached):
+    """Prefill rows against the oracle: blocks starting before, inside and after a query chunk,
+    queries before a block, keys already in the paged cache (chunked prefill), GQA, ρ = 0 and > 0."""
+    from types import SimpleNamespace
+
+    import localist.model.vllm_model as vm
+    from localist.model.attention import localist_attention
+    from localist.model.vllm_model import LocalistAttentionLayer, _Prefill, _spans
+
+    monkeypatch.setattr(vm, "_PREFILL_BUDGET", budget)  # 3-query chunks: blocks start before, at and inside chunks
+    torch.manual_seed(1)
+    H, Hkv, D, bs, nb = 8, 2, 16, 16, 12
+    layer = LocalistAttentionLayer.__new__(LocalistAttentionLayer)
+    torch.nn.Module.__init__(layer)
+    layer.num_heads, layer.num_kv_heads, layer.head_size = H, Hkv, D
+    layer.impl = SimpleNamespace(scale=D ** -0.5)
+    k_cache = torch.randn(nb, Hkv, D, bs)  # K transposed per cache block, as _paged_views returns it
+    v_cache = torch.randn(nb, Hkv, bs, D)
+    S, block_index = 90, torch.randperm(nb)[:6]
+    keys = k_cache[block_index].permute(1, 0, 3, 2).reshape(Hkv, -1, D)[:, :S]
+    values = v_cache[block_index].permute(1, 0, 2, 3).reshape(Hkv, -1, D)[:, :S]
+    ids = torch.zeros(S, dtype=torch.long)
+    for cut in [1, 9, 36, 41, 42, 70]:  # a block ends at the chunked-prefill boundary, one is 1 token
+        ids[cut:] += 1
+    G = 7 + 1  # plus an empty response block
+    pinned = torch.zeros(G, dtype=torch.bool)
+    pinned[[0, 3]] = True
+    Tq = S - cached
+    q = torch.randn(Tq, H, D) * 2.0
+    k_fresh, v_fresh = keys.transpose(0, 1)[cached:], values.transpose(0, 1)[cached:]  # [Tq, Hkv, D]
+    rho = torch.tensor([0.0, 0.6, 1.0, 0.95])
+
+    for layer_index in range(len(rho)):
+        p = _Prefill(0, Tq, S, block_index, ids, _spans(ids), pinned, rho, keep=("x", 0))
+        out = torch.zeros(Tq, H, D)
+        layer._prefill(p, q, k_fresh, v_fresh, k_cache, v_cache, out, layer_index)
+        positions = torch.arange(cached, S)
+        visible = (torch.arange(S).unsqueeze(0) <= positions.unsqueeze(1)).unsqueeze(0)
+        want, st = localist_attention(q.transpose(0, 1)[None], keys[None], values[None], ids[None],
+                                      rho[layer_index].view(1), pinned[None], D ** -0.5, key_visible=visible)
+        assert torch.allclose(out, want[0].transpose(0, 1), atol=1e-5), layer_index
+        last = torch.stack([st.log_mass, st.mass, st.inner_entropy])[:, 0, :, -1]  # [3, H, G]
+        finite = torch.isfinite(last[0])
+        assert torch.equal(finite, torch.isfinite(p.stats[0][0]))
+        assert torch.allclose(p.stats[0][0][finite], last[0][finite], atol=1e-5)
+        assert torch.allclose(p.stats[0][1:], last[1:], atol=1e-5)
