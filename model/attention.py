@@ -55,13 +55,17 @@ def dial_mass(log_mass: Tensor, rho: Tensor | float, pinned: Tensor, base: Tenso
 
     has_free = free.any(-1, keepdim=True)
     at_limit = rho >= 1.0
-    lam = torch.where(at_limit, 0.0, rho / (1.0 - rho).clamp(min=1e-12))
-    sharp = torch.where(free, (1.0 + lam) * L.masked_fill(~free, 0.0), NEG_INF)
-    sharp = torch.softmax(sharp.masked_fill(~has_free, 0.0), -1).masked_fill(~free, 0.0)
     L_free = L.masked_fill(~free, NEG_INF)
-    top = free & (L_free == L_free.amax(-1, keepdim=True))
-    limit = top.float() / top.sum(-1, keepdim=True).clamp(min=1)
-    q = torch.where(at_limit, limit, sharp)
+    q = None  # the free blocks' shares; only the branches some row's ρ needs are computed
+    if bool(((rho > 0) & ~at_limit).any()):
+        lam = torch.where(at_limit, 0.0, rho / (1.0 - rho).clamp(min=1e-12))
+        q = torch.softmax(((1.0 + lam) * L_free).masked_fill(~has_free, 0.0), -1).masked_fill(~free, 0.0)
+    if bool(at_limit.any()):
+        top = free & (L_free == L_free.amax(-1, keepdim=True))
+        limit = top.float() / top.sum(-1, keepdim=True).clamp(min=1)
+        q = limit if q is None else torch.where(at_limit, limit, q)
+    if q is None:  # ρ = 0 everywhere: the base attention
+        return base
     return torch.where(free & (rho > 0), free_share * q, base)
 
 
