@@ -106,7 +106,9 @@ def test_three_forms_agree(seed, rho_seed, gqa):
     partial = torch.einsum("bhqkg,bhkd->bhqgd", w_g, repeat_v(v, H))
     rho4 = rho.view(B, 1, Tq)
     merged, mass2 = merge_block_partials(partial.float(), L.float(), rho4, pinned.view(B, 1, 1, G))
-    assert torch.allclose(merged, out, atol=1e-5)
+    # float32 errors in L are amplified (1 + λ)-fold by the sharpened merge: the tolerance follows
+    lam = torch.where(rho < 1, rho / (1 - rho).clamp(min=1e-12), 0.0).view(B, 1, Tq, 1)
+    assert ((merged - out).abs() <= 1e-5 * (1 + lam)).all()
     assert torch.allclose(mass2, stats.mass, atol=1e-6)
 
     # form 1: softmax(s + β[b(j)]) with the additive per-block bias
