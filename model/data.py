@@ -21,7 +21,7 @@ from localist.model.recruitment import apply_layout
 SPLITS = ("train", "validation", "test")
 
 SYSTEM = (
-    "You are a compliance assistant. Use exactly one rule or document, cite its id, "
+    "You are a compliance assistant. Name the case, use exactly one rule or document, cite its id, "
     "then give the decision or the value."
 )
 
@@ -169,13 +169,18 @@ def block_matches(block: Evidence, case: Case) -> bool:
 
 
 def solve(block: Evidence, case: Case) -> str:
-    """The correct answer from the target block alone: ``<id>: <decision or value>``."""
+    """The correct answer from the target block alone: ``Case: <case>, <id>: <decision or value>``.
+
+    The answer first names what the case is about (copied from the question): the query that then
+    produces the id carries the entity itself (the same tokens as in the block: space-led words), so
+    finding its block is one content match (the lookup a small model learns), not a hop through the
+    question first."""
     if not block_matches(block, case):
         raise ValueError(f"block {block.label} is not about {case.key!r}")
     f = block.fields
     if case.family == "rule":
-        return f"{block.label}: {f['above'] if case.value > f['thr'] else f['below']}"
-    return f"{block.label}: {f['values'][case.field]}"
+        return f"Case: {case.key}, {block.label}: {f['above'] if case.value > f['thr'] else f['below']}"
+    return f"Case: {case.key}, {block.label}: {f['values'][case.field]}"
 
 
 def _templates(split: str, family: str) -> Sequence[int]:

@@ -1,7 +1,8 @@
 """Dial-aware training of the default localist model (issue 6; SPEC §5–6).
 
 Loss per batch = NLL + μ · mean H(q^ρ), the candidate block entropy of the queries that point (those
-outside evidence blocks that see ≥ 2 candidate blocks), with ρ drawn per sequence from a spread over
+outside evidence blocks that see ≥ 2 candidate blocks), + ν · (1 − F), the answer's off-target
+evidence share against the training split's ground truth, with ρ drawn per sequence from a spread over
 [0, 1) so that one set of weights serves every dial value. The model is a stock HF Llama run through
 the reference localist attention, so the saved checkpoint loads in HF and vLLM as is. Layout
 recruitment (SPEC §6) runs every ``recruit_every`` steps on validation probes; every decision is
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel
 
 from localist.model.blocks import BlockTable
 from localist.model.data import Encoded, corpus_texts, encode, examples, make_example
@@ -124,6 +125,17 @@ def answer_fidelity(stats, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     return on_t, on_c
 
 
+def off_target_share(stats, batch: Batch) -> torch.Tensor:
+    """1 − pointer fidelity (SPEC §3, response-level F over answer queries, layers, heads) of the
+    batch, differentiable: the evidence-directed attention of the answer that misses the target.
+
+    Ground truth of the training split only; it teaches a head that reads evidence to read the
+    right block, or none (a head that cannot know the target yet, e.g. in layer 0, is free to
+    attend to the question or the sink instead)."""
+    on_t, on_c = answer_fidelity(stats, batch)
+    return 1.0 - on_t.sum() / on_c.sum().clamp(min=1e-6)
+
+
 def sample_rho(cfg: TrainConfig, step: int, n: int) -> torch.Tensor:
     """One ρ per sequence. The circuits that find a block form at ρ = 0 (at high ρ an untrained
     model's attention collapses onto the largest block); the dial's range then widens to rho_max."""
@@ -137,6 +149,21 @@ def mu_at(cfg: TrainConfig, step: int) -> float:
     """The penalty sharpens a pointer once there is one: applied early, it locks attention onto
     whichever block happens to lead and starves the gradient that would find the right one."""
     return cfg.mu * _ramp(cfg.mu_ramp, cfg.steps, step)
+
+
+def blocks_at(cfg: TrainConfig, step: int) -> tuple[int, int]:
+    """(min, max) evidence blocks per example: a lookup among 2 blocks is learnt first (its gradient
+    is strong: half the examples already point right by chance), then the count grows to the full range."""
+    if cfg.curriculum == 0 or step >= cfg.curriculum * cfg.steps:
+        return cfg.min_blocks, cfg.max_blocks
+    hi = 2 + int((cfg.max_blocks - 2) * step / (cfg.curriculum * cfg.steps))
+    return 2, max(hi, 2)
+
+
+def pointer_at(cfg: TrainConfig, step: int) -> float:
+    """ν ramps in with μ: from the start, a pointer loss on the answer starves the positional heads
+    (previous token, induction) that reading a block's id needs; they form first, then get aimed."""
+    return cfg.pointer_weight * _ramp(cfg.mu_ramp, cfg.steps, step)
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -170,8 +197,8 @@ class StepBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> Batch:
         cfg, step = self.cfg, self.start + i
-        exs = [make_example(cfg.seed, "train", step * cfg.batch_size + j, cfg.min_blocks, cfg.max_blocks)
-               for j in range(cfg.batch_size)]
+        lo, hi = blocks_at(cfg, step)
+        exs = [make_example(cfg.seed, "train", step * cfg.batch_size + j, lo, hi) for j in range(cfg.batch_size)]
         encoded = [encode(e, self.tokenizer, self.split_kinds) for e in exs]
         return collate(encoded, self.tokenizer.pad_token_id, cfg.prompt_weight)
 
@@ -187,8 +214,14 @@ class Trainer:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.backends.cuda.matmul.allow_tf32 = True  # GPU speed; the eval table, not bits, must reproduce
-        self.tokenizer = train_tokenizer(corpus_texts(cfg.seed, cfg.tokenizer_examples), vocab_size=cfg.vocab_size)
-        self.model = build_model(cfg, self.tokenizer).to(cfg.device)
+        if cfg.init_from:
+            register()
+            self.tokenizer = AutoTokenizer.from_pretrained(cfg.init_from)
+            self.model = AutoModelForCausalLM.from_pretrained(
+                cfg.init_from, attn_implementation=ATTN_IMPLEMENTATION, dtype=torch.float32).to(cfg.device)
+        else:
+            self.tokenizer = train_tokenizer(corpus_texts(cfg.seed, cfg.tokenizer_examples), vocab_size=cfg.vocab_size)
+            self.model = build_model(cfg, self.tokenizer).to(cfg.device)
         decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2]
         no_decay = [p for n, p in self.model.named_parameters() if p.dim() < 2]
         self.opt = torch.optim.AdamW(
@@ -224,7 +257,8 @@ class Trainer:
         nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch.input_ids[:, 1:], reduction="none")
         loss_nll = (nll * batch.weights).sum() / batch.weights.sum()
         penalty = candidate_entropy(stats, batch)
-        loss = loss_nll + mu_at(cfg, self.step) * penalty
+        off_target = off_target_share(stats, batch)
+        loss = loss_nll + mu_at(cfg, self.step) * penalty + pointer_at(cfg, self.step) * off_target
         for group in self.opt.param_groups:
             group["lr"] = lr_at(cfg, self.step)
         self.opt.zero_grad(set_to_none=True)
@@ -234,18 +268,21 @@ class Trainer:
         self.step += 1
         answer_nll = (nll * batch.answer).sum() / batch.answer.sum()
         return {"step": self.step, "loss": loss.item(), "nll": loss_nll.item(), "answer_nll": answer_nll.item(),
-                "penalty": penalty.item(), "mu": mu_at(cfg, self.step - 1), "grad_norm": grad_norm.item(), "lr": lr_at(cfg, self.step - 1)}
+                "penalty": penalty.item(), "off_target": off_target.item(), "mu": mu_at(cfg, self.step - 1),
+                "nu": pointer_at(cfg, self.step - 1), "grad_norm": grad_norm.item(), "lr": lr_at(cfg, self.step - 1)}
 
     def run(self) -> Path:
         cfg = self.cfg
         log = (self.out / "train_log.jsonl").open("a")
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress, desc="train", unit="step")
-        while self.step < cfg.steps:
+        end = cfg.stop_at or cfg.steps
+        bar = tqdm(total=end, initial=self.step, disable=not cfg.progress, desc="train", unit="step")
+        while self.step < end:
             for batch in self.loader():  # rebuilt whenever recruitment changes the layout
                 rec = self.train_step(batch)
                 bar.update(1)
-                bar.set_postfix(loss=f"{rec['loss']:.3f}", ans=f"{rec['answer_nll']:.3f}", H=f"{rec['penalty']:.3f}")
-                if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", ans=f"{rec['answer_nll']:.3f}", H=f"{rec['penalty']:.3f}",
+                                off=f"{rec['off_target']:.3f}")
+                if self.step % cfg.eval_every == 0 or self.step == end:
                     rec["validation"] = self.validate()
                     bar.write(json.dumps({"step": self.step, **rec["validation"]}))
                 layout = list(self.split_kinds)
@@ -253,9 +290,9 @@ class Trainer:
                     self.recruit()
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
-                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                if self.step % cfg.checkpoint_every == 0 or self.step == end:
                     self._save_checkpoint()
-                if self.split_kinds != layout:
+                if self.split_kinds != layout or self.step == end:
                     break
         bar.close()
         log.close()

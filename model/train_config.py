@@ -8,13 +8,17 @@ from dataclasses import dataclass
 class TrainConfig:
     out: str
     seed: int = 0
-    steps: int = 6000
+    steps: int = 4000
+    stop_at: int = 0  # end the run after this step (0 = at steps); the schedules still span steps
     batch_size: int = 64
     lr: float = 2e-3
     warmup: int = 200
     weight_decay: float = 0.01
     mu: float = 0.25  # weight of the candidate block-entropy penalty (nats)
     mu_ramp: tuple = (0.5, 0.75)  # μ grows linearly between these fractions of training (0 before)
+    pointer_weight: float = 0.0  # ν: weight of the off-target evidence share of the answer queries (ramps as μ)
+    init_from: str = ""  # start from this exported model (weights and tokenizer): a second training stage
+    curriculum: float = 0.3  # over this fraction of training the block count grows from 2 to max_blocks
     rho_max: float = 0.95  # ρ ~ U(0, rho_max), or exactly 0 with probability rho_zero_share
     rho_ramp: tuple = (0.3, 0.5)  # ρ = 0 before the first fraction; its range widens up to the second
     rho_zero_share: float = 0.25
@@ -41,8 +45,9 @@ class TrainConfig:
 
     def validate(self) -> None:
         checks = {
-            "steps": self.steps >= 1, "batch_size": self.batch_size >= 1, "lr": self.lr > 0,
-            "mu": self.mu >= 0,
+            "steps": self.steps >= 1, "stop_at": 0 <= self.stop_at <= self.steps, "batch_size": self.batch_size >= 1, "lr": self.lr > 0,
+            "mu": self.mu >= 0, "pointer_weight": self.pointer_weight >= 0,
+            "curriculum": 0 <= self.curriculum <= 1,
             "mu_ramp": _is_ramp(self.mu_ramp), "rho_ramp": _is_ramp(self.rho_ramp),
             "rho_max": 0 <= self.rho_max < 1, "rho_zero_share": 0 <= self.rho_zero_share <= 1,
             "prompt_weight": self.prompt_weight >= 0, "recruit_rho": 0 <= self.recruit_rho <= 1,

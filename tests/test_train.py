@@ -10,7 +10,8 @@ from localist.model.blocks import Block, BlockTable
 from localist.model.recruitment import greedy_split, split_block, split_cost
 from localist.model.tokenizer import train_tokenizer
 from localist.model.train import (
-    Batch, TrainConfig, Trainer, candidate_entropy, load_layout, mu_at, sample_rho,
+    Batch, TrainConfig, Trainer, blocks_at, candidate_entropy, load_layout, mu_at, off_target_share, pointer_at,
+    sample_rho,
 )
 
 
@@ -129,3 +130,44 @@ def test_greedy_split_accepts_only_gains_above_cost_and_stops():
     assert tok.decode(new.token_ids[new.blocks[1].start:new.blocks[1].end]).endswith(".")
     with pytest.raises(ValueError, match="strictly inside"):
         split_block(table, 1, 1)
+
+
+def test_curriculum_grows_the_block_count_from_two():
+    cfg = tiny("/tmp/unused", steps=100, curriculum=0.5, min_blocks=3, max_blocks=8)
+    counts = [blocks_at(cfg, step) for step in range(100)]
+    assert counts[0] == (2, 2) and counts[49][0] == 2 and counts[50] == (3, 8) and counts[99] == (3, 8)
+    assert all(a[1] <= b[1] for a, b in zip(counts, counts[1:]))  # never shrinks
+    assert blocks_at(tiny("/tmp/unused", curriculum=0.0, max_blocks=5), 0) == (3, 5)
+
+
+def test_off_target_share_is_one_minus_answer_fidelity_and_trains_the_attention():
+    # blocks: 0 sink (pinned), 1 and 2 evidence (target 1), 3 question; query 0 predicts the answer token
+    log_mass = torch.tensor([[0.0, 1.0, 2.0, 0.0]] * 2, requires_grad=True)
+    mass = torch.softmax(log_mass, -1).view(1, 1, 2, 4)
+    stats = BlockStats(log_mass=log_mass.view(1, 1, 2, 4), mass=mass, inner_entropy=torch.zeros(1, 1, 2, 4))
+    batch = Batch(
+        input_ids=torch.zeros(1, 2, dtype=torch.long), block_ids=torch.tensor([[1, 3]]),
+        pinned=torch.tensor([[True, False, False, False]]), candidate=torch.tensor([[False, True, True, False]]),
+        target=torch.tensor([1]), weights=torch.ones(1, 1), answer=torch.ones(1, 1, dtype=torch.bool),
+    )
+    p = torch.softmax(torch.tensor([0.0, 1.0, 2.0, 0.0]), -1)
+    loss = off_target_share([stats], batch)
+    assert loss.item() == pytest.approx(float(p[2] / (p[1] + p[2])))
+    loss.backward()
+    assert log_mass.grad[0, 1] < 0 < log_mass.grad[0, 2]  # towards the target, away from the distractor
+    assert torch.all(log_mass.grad[1] == 0)  # the query that does not answer is not scored
+    cfg = tiny("/tmp/unused", steps=100, pointer_weight=0.5, mu_ramp=(0.2, 0.4))
+    assert pointer_at(cfg, 0) == 0.0 and pointer_at(cfg, 40) == 0.5  # ramps in with μ
+
+
+def test_second_stage_starts_from_an_exported_model_and_stops_where_told(run, tmp_path):
+    torch.set_num_threads(2)
+    stage = Trainer(tiny(tmp_path / "stage2", init_from=str(run), steps=10, stop_at=2, eval_every=100, recruit_every=0))
+    first = Trainer(tiny(run, steps=24))  # the finished first stage, resumed from its checkpoint
+    for p, q in zip(first.model.parameters(), stage.model.parameters()):
+        assert torch.equal(p, q)
+    assert stage.tokenizer.get_vocab() == first.tokenizer.get_vocab() and stage.step == 0
+    out = stage.run()
+    meta = json.loads((out / "localist.json").read_text())
+    assert meta["steps_done"] == 2 and meta["training"]["init_from"] == str(run)
+    assert [json.loads(x)["step"] for x in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2]

@@ -1,0 +1,32 @@
+#!/bin/bash
+# Trains several configurations side by side on one lent GPU (the `device` tool runs it in the repo root
+# with $OUT set); each run is exported (from its last checkpoint if the time limit cut it) and comes back
+# as $OUT/<name>.tgz with its log. The default model was trained this way (its card gives the settings).
+# usage: scripts/train_on_device.sh SECONDS name "TrainConfig kwargs" [name "kwargs"] ...
+set -u
+LIMIT=$1; shift
+mkdir -p /tmp/pkg/localist
+for d in model server clients; do ln -sfn "$PWD/$d" /tmp/pkg/localist/$d; done
+export PYTHONPATH=/tmp/pkg PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+nvidia-smi -L
+names=()
+while [ $# -ge 2 ]; do
+  name=$1; kw=$2; shift 2; names+=("$name")
+  timeout "$LIMIT" python3 -c "
+from localist.model.train import Trainer; from localist.model.train_config import TrainConfig
+Trainer(TrainConfig(out='/tmp/runs/$name', device='cuda', progress=False, $kw)).run()" > "/tmp/$name.log" 2>&1 &
+done
+wait
+for name in "${names[@]}"; do
+  if [ ! -f "/tmp/runs/$name/model.safetensors" ]; then  # cut by the time limit: export the last checkpoint
+    python3 -c "
+import torch; from localist.model.train import Trainer; from localist.model.train_config import TrainConfig
+st = torch.load('/tmp/runs/$name/checkpoint.pt', map_location='cpu', weights_only=False)
+c = st['config']; c['device'] = 'cuda'; c['mu_ramp'] = tuple(c['mu_ramp']); c['rho_ramp'] = tuple(c['rho_ramp'])
+t = Trainer(TrainConfig(**c)); print('exported at step', t.step); t.export()" >> "/tmp/$name.log" 2>&1
+  fi
+  grep -h '"rho=0.0"' "/tmp/$name.log" | tail -20 | sed "s/^/$name /"
+  tail -3 "/tmp/$name.log"
+  tar czf "$OUT/$name.tgz" -C /tmp/runs --exclude checkpoint.pt --exclude 'checkpoint.pt.tmp' "$name"
+  cp "/tmp/$name.log" "$OUT/$name.log"
+done
