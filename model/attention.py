@@ -12,6 +12,7 @@ Three equivalent forms are exposed, each used where it is cheapest:
 """
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 import torch
@@ -41,32 +42,73 @@ def dial_mass(log_mass: Tensor, rho: Tensor | float, pinned: Tensor, base: Tenso
     ``log_mass[..., 0]``; ``pinned`` bool broadcastable to [..., G]. Pinned blocks keep their base
     mass; the free blocks share the rest with temperature 1 − ρ. ρ = 1 is taken as the limit
     (argmax, ties split evenly), never as λ = ∞ inside a formula. ``base`` (π⁰, if the caller has
-    it from the same sums) is returned bit for bit where nothing changes: pinned blocks and ρ = 0.
+    it from the same sums; 0 where ``log_mass`` is −inf) is returned bit for bit where nothing
+    changes: pinned blocks and ρ = 0.
+
+    Internally the blocks are the *first* dim ([G, ...]; free when the caller's tensor is a
+    ``movedim`` of a G-first one, as the vLLM prefill's is): torch's reductions over a last dim of a
+    few blocks cost ~15× more than over the first. A row with no (free) block gets 0 without
+    masking passes (:func:`_softmax0`); a scalar ρ skips the per-row selects. The result is the
+    [..., G] view of a G-first tensor.
     """
     L = log_mass.float()
-    rho = torch.as_tensor(rho, dtype=torch.float32, device=L.device).unsqueeze(-1)
-    present = torch.isfinite(L)
-    free = present & ~pinned
+    shape = L.shape
+    L = L.movedim(-1, 0).contiguous()  # [G, ...]
+    pinned = torch.as_tensor(pinned, device=L.device)
+    pinned = pinned.expand(*pinned.shape[:-1], shape[-1])
+    pinned = pinned.view((1,) * (len(shape) - pinned.dim()) + pinned.shape).movedim(-1, 0)  # [G, ...] like L
     if base is None:
-        any_present = present.any(-1, keepdim=True)
-        base = torch.where(any_present, torch.softmax(L.masked_fill(~any_present, 0.0), -1), 0.0)
-    base = base.masked_fill(~present, 0.0)
-    free_share = (base * free).sum(-1, keepdim=True)  # 1 − m_P
+        base = _softmax0(L)
+    else:
+        base = base.float().movedim(-1, 0)
 
-    has_free = free.any(-1, keepdim=True)
-    at_limit = rho >= 1.0
-    L_free = L.masked_fill(~free, NEG_INF)
-    q = None  # the free blocks' shares; only the branches some row's ρ needs are computed
-    if bool(((rho > 0) & ~at_limit).any()):
-        lam = torch.where(at_limit, 0.0, rho / (1.0 - rho).clamp(min=1e-12))
-        q = torch.softmax(((1.0 + lam) * L_free).masked_fill(~has_free, 0.0), -1).masked_fill(~free, 0.0)
-    if bool(at_limit.any()):
-        top = free & (L_free == L_free.amax(-1, keepdim=True))
-        limit = top.float() / top.sum(-1, keepdim=True).clamp(min=1)
-        q = limit if q is None else torch.where(at_limit, limit, q)
-    if q is None:  # ρ = 0 everywhere: the base attention
-        return base
-    return torch.where(free & (rho > 0), free_share * q, base)
+    if isinstance(rho, Tensor) and rho.dim() > 0:
+        rho = rho.float()
+        at_limit, on = rho >= 1.0, rho > 0
+        dialled, limited = bool((on & ~at_limit).any()), bool(at_limit.any())
+    else:
+        r = float(rho)
+        at_limit = on = None
+        dialled, limited = 0.0 < r < 1.0, r >= 1.0
+    if not (dialled or limited):  # ρ = 0 everywhere: the base attention
+        return base.movedim(0, -1)
+
+    L_free = L.masked_fill(pinned, NEG_INF)
+    q = None  # the free blocks' shares (0 on pinned and absent blocks); only the branches some ρ needs
+    if dialled:
+        if at_limit is None:  # (1 + λ) rounded as float32 arithmetic would: the same bits as the tensor path
+            q = _softmax0(L_free * _f32(1.0 + _f32(_f32(r) / _f32(1.0 - _f32(r)))))  # (1 + λ)·L, free blocks
+        else:
+            lam = torch.where(at_limit, 0.0, rho / (1.0 - rho).clamp(min=1e-12))
+            q = _softmax0(L_free * (1.0 + lam))
+    if limited:
+        m = L_free.amax(0)
+        top = (L_free == m) & (m > NEG_INF)
+        limit = top.float()
+        limit = limit / limit.sum(0).clamp(min=1.0)  # ties split evenly
+        q = limit if at_limit is None or q is None else torch.where(at_limit, limit, q)
+    free_share = base.masked_fill(pinned, 0.0).sum(0)  # 1 − m_P (absent blocks have base 0)
+    mixed = free_share * q
+    if on is None:  # one ρ > 0 for all rows: every free block moves
+        return torch.where(pinned, base, mixed).movedim(0, -1)
+    return torch.where(~pinned & on, mixed, base).movedim(0, -1)
+
+
+def _f32(x: float) -> float:
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def _softmax0(x: Tensor) -> Tensor:
+    """Softmax over dim 0, 0 for a column that is all −inf (no nan, no masking pass).
+
+    Under autograd it is written out (max, exp, sum) with the max detached (a softmax does not
+    depend on it), so that the gradient of an all −inf column is 0, not nan.
+    """
+    if not x.requires_grad:  # torch's fused softmax; its nan columns (all −inf) become 0
+        return torch.softmax(x, 0).nan_to_num_(0.0)
+    m = x.detach().amax(0).clamp(min=torch.finfo(x.dtype).min)
+    e = (x - m).exp()
+    return e / e.sum(0).clamp(min=torch.finfo(x.dtype).tiny)
 
 
 def dial_bias(log_mass: Tensor, rho: Tensor | float, pinned: Tensor) -> Tensor:
@@ -76,15 +118,19 @@ def dial_bias(log_mass: Tensor, rho: Tensor | float, pinned: Tensor) -> Tensor:
 
 
 def merge_block_partials(
-    partial_out: Tensor, log_mass: Tensor, rho: Tensor | float, pinned: Tensor
+    partial_out: Tensor, log_mass: Tensor, rho: Tensor | float, pinned: Tensor, finite: bool = False
 ) -> tuple[Tensor, Tensor]:
     """Form 2: merge per-block attention outputs ``partial_out`` [..., G, D] with weights π^ρ.
 
     ``log_mass`` [..., G] are the blocks' log-sum-exps (−inf for blocks with no key). Returns the
-    merged output [..., D] and π^ρ [..., G].
+    merged output [..., D] and π^ρ [..., G]. ``finite=True`` promises that ``partial_out`` holds
+    no nan/inf (a block with no key has a zero output, as the paged kernel writes it), which saves
+    the pass that zeroes them.
     """
     mass = dial_mass(log_mass, rho, pinned)
-    out = (mass.unsqueeze(-1) * partial_out.float().nan_to_num()).sum(-2)
+    partial = partial_out.float() if finite else partial_out.float().nan_to_num()
+    G, D = partial.shape[-2:]
+    out = torch.bmm(mass.reshape(-1, 1, G), partial.reshape(-1, G, D)).view(partial.shape[:-2] + (D,))
     return out.to(partial_out.dtype), mass
 
 

@@ -5,7 +5,8 @@
 // sw = Σ e^{x−M}·x and o = Σ e^{x−M}·v, finished into the block's log-mass L = m + ln s, its inner entropy L − sw/s and
 // its own attention output o/s (L = −inf, 0, 0 for a block with no visible key). The dial is *not*
 // here: Python merges the blocks with localist.model.attention.merge_block_partials. The cache is
-// read once, in place (no gather copy).
+// read once, in place (no gather copy). merge_blocks is the prefill's merge Σ_g π^ρ_g·o_g (π^ρ from
+// Python's dial_mass), written once into vLLM's output without a float buffer per block.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -164,6 +165,21 @@ void partials_impl(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& 
   });
 }
 
+
+template <typename T>
+inline void store(T* __restrict__ y, const float* __restrict__ x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = static_cast<T>(x[i]);
+}
+
+// acc += w · row for a row of any of the supported dtypes.
+inline void axpy_any(float* acc, const void* row, at::ScalarType dt, float w, int64_t n) {
+  switch (dt) {
+    case at::kFloat: axpy(acc, static_cast<const float*>(row), w, n); break;
+    case at::kBFloat16: axpy(acc, static_cast<const c10::BFloat16*>(row), w, n); break;
+    default: axpy(acc, static_cast<const c10::Half*>(row), w, n); break;
+  }
+}
+
 }  // namespace
 
 // q [R, Hkv, g, D] float32; kv_cache [blocks, Hkv, 2, bs·D] (K then V per block and head);
@@ -194,6 +210,61 @@ std::vector<at::Tensor> block_partials(at::Tensor q, at::Tensor kv_cache, at::Te
   return {m, sw, o};
 }
 
+// Prefill merge (SPEC §2, form 2) without a float buffer per block:
+// out[t, h] = Σ_g π^ρ[g, h, t] · o_g[t − start_g, h] over the parts (blocks in order) whose queries include t, accumulated in float32 and written once.
+// parts[j] [n_j, H, D] (last dim contiguous; float32, bf16 or fp16), starts[j] its first query, blocks[j] its
+// block g; mass [G, H, n] float32 (π^ρ from dial_mass); out [n, H, D] contiguous.
+void merge_blocks(std::vector<at::Tensor> parts, std::vector<int64_t> starts, std::vector<int64_t> blocks,
+                  at::Tensor mass, at::Tensor out) {
+  TORCH_CHECK(mass.scalar_type() == at::kFloat && mass.is_contiguous() && mass.dim() == 3, "mass: float32 [G, H, n]");
+  TORCH_CHECK(out.is_contiguous() && out.dim() == 3, "out: contiguous [n, H, D]");
+  TORCH_CHECK(parts.size() == starts.size() && parts.size() == blocks.size(), "parts/starts/blocks");
+  const int64_t n = out.size(0), H = out.size(1), D = out.size(2), G = mass.size(0);
+  TORCH_CHECK(mass.size(1) == H && mass.size(2) == n && D <= 512, "mass/out shapes");
+  const int64_t P = static_cast<int64_t>(parts.size());
+  std::vector<const char*> base(P);
+  std::vector<int64_t> st(P), s0(P), s1(P), esz(P);
+  std::vector<at::ScalarType> dt(P);
+  for (int64_t j = 0; j < P; ++j) {
+    const auto& x = parts[j];
+    TORCH_CHECK(x.dim() == 3 && x.size(1) == H && x.size(2) == D && x.stride(2) == 1, "part layout");
+    TORCH_CHECK(starts[j] >= 0 && starts[j] + x.size(0) == n && blocks[j] >= 0 && blocks[j] < G, "part range");
+    dt[j] = x.scalar_type();
+    TORCH_CHECK(dt[j] == at::kFloat || dt[j] == at::kBFloat16 || dt[j] == at::kHalf, "part dtype");
+    base[j] = static_cast<const char*>(x.data_ptr());
+    esz[j] = x.element_size();
+    s0[j] = x.stride(0);
+    s1[j] = x.stride(1);
+    st[j] = starts[j];
+  }
+  const float* mp = mass.data_ptr<float>();
+  const auto odt = out.scalar_type();
+  TORCH_CHECK(odt == at::kFloat || odt == at::kBFloat16 || odt == at::kHalf, "out dtype");
+  char* op = static_cast<char*>(out.data_ptr());
+  const int64_t oes = out.element_size();
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, H * D * P));
+  at::parallel_for(0, n * H, grain, [&](int64_t begin, int64_t end) {
+    float acc[512];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t t = task / H, h = task % H;
+      for (int64_t d = 0; d < D; ++d) acc[d] = 0.f;
+      for (int64_t j = 0; j < P; ++j) {
+        if (t < st[j]) continue;
+        const float w = mp[(blocks[j] * H + h) * n + t];
+        if (w == 0.f) continue;
+        axpy_any(acc, base[j] + ((t - st[j]) * s0[j] + h * s1[j]) * esz[j], dt[j], w, D);
+      }
+      char* dst = op + task * D * oes;
+      switch (odt) {
+        case at::kFloat: store(reinterpret_cast<float*>(dst), acc, D); break;
+        case at::kBFloat16: store(reinterpret_cast<c10::BFloat16*>(dst), acc, D); break;
+        default: store(reinterpret_cast<c10::Half*>(dst), acc, D); break;
+      }
+    }
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.def("merge_blocks", &merge_blocks, "out = sum over blocks of mass x block output (prefill merge)");
   mod.def("block_partials", &block_partials, "per-semantic-block online-softmax partials over a paged KV cache");
 }

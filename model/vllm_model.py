@@ -73,6 +73,10 @@ class _Decode:
     rho: torch.Tensor  # [L, R]
     keep: list[tuple[int, str, int, int]]  # (row in group, request id, token index, G)
     stats: list[torch.Tensor] = field(default_factory=list)  # per layer [3, R, H, G]
+    # Per-step inputs of the kernel path, made once for all layers (see _kernel_inputs).
+    rows: slice | torch.Tensor | None = None  # the rows' queries in the flat batch (a slice when consecutive)
+    layer_rho: list = field(default_factory=list)  # per layer: one float for all rows, or [R, 1, 1]
+    pinned_view: torch.Tensor | None = None  # [R, 1, 1, G]
 
 
 @dataclass
@@ -178,6 +182,17 @@ def _build_plan(context, meta, block_size: int) -> _Plan | None:
     return _Plan(context, decode, prefills)
 
 
+def _kernel_inputs(d: _Decode) -> None:
+    """What every layer's kernel call shares, made once per step: the rows as a slice when they are
+    consecutive (views instead of gathers), ρ per layer as one float when all rows share it (the
+    dial's cheaper path), the pinned flags in the merge's shape."""
+    idx = d.query_index.tolist()
+    d.rows = slice(idx[0], idx[-1] + 1) if idx == list(range(idx[0], idx[0] + len(idx))) else d.query_index
+    R, G = d.pinned.shape
+    d.layer_rho = [r[0] if len(set(r)) == 1 else torch.tensor(r).view(R, 1, 1) for r in d.rho.tolist()]
+    d.pinned_view = d.pinned.view(R, 1, 1, G)
+
+
 def _flush(plan: _Plan) -> None:
     """After the last layer: hand each produced token's [L, H, G] statistics to the store."""
     if plan.decode is not None and plan.decode.keep:
@@ -281,16 +296,17 @@ class LocalistAttentionLayer(Attention):
 
     def _decode_kernel(self, kernel, d: _Decode, q, out, layer: int) -> None:
         """One pass over the paged cache in C++ (per-block partials), merged by the dial in Python."""
+        if d.rows is None:
+            _kernel_inputs(d)
         R, G = d.pinned.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_size
-        g = H // Hkv
         cache = self.kv_cache
-        raw = cache.view(cache.shape[0], Hkv, 2, -1)
-        queries = q[d.query_index].view(R, Hkv, g, D).float().contiguous()
+        queries = q[d.rows].reshape(R, Hkv, H // Hkv, D).float().contiguous()
         log_mass, inner_entropy, partial = kernel.block_partials(
-            queries, raw, d.block_index, d.seq_lens, d.block_ids, G, bool(self._k_transposed), float(self.impl.scale))
-        merged, mass = merge_block_partials(partial, log_mass, d.rho[layer].view(R, 1, 1), d.pinned.view(R, 1, 1, G))
-        out[d.query_index] = merged.reshape(R, H, D).to(out.dtype)
+            queries, cache.view(cache.shape[0], Hkv, 2, -1), d.block_index, d.seq_lens, d.block_ids, G,
+            bool(self._k_transposed), float(self.impl.scale))
+        merged, mass = merge_block_partials(partial, log_mass, d.layer_rho[layer], d.pinned_view, finite=True)
+        out[d.rows] = merged.view(R, H, D)
         if d.keep:
             d.stats.append(torch.stack([log_mass, mass, inner_entropy]).view(3, R, H, G))
 
@@ -333,13 +349,14 @@ class LocalistAttentionLayer(Attention):
         H, D = self.num_heads, self.head_size
         G, first_pos, scale = p.pinned.numel(), p.seq_len - p.query_len, self.impl.scale
         sdpa = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        kernel = paged_kernel() if out.is_contiguous() else None
         q_all, k_all, v_all = rows.transpose(0, 1)[None], keys[None], values[None]  # [1, H(kv), T, D]
         chunk = max(1, _PREFILL_BUDGET // (H * G * D))
         for c0 in range(0, p.query_len, chunk):
             c1 = min(c0 + chunk, p.query_len)
             P0, P1 = first_pos + c0, first_pos + c1  # positions of the chunk's queries
             qc = q_all[:, :, c0:c1]
-            log_mass = torch.full((H, c1 - c0, G), NEG_INF)
+            log_mass = torch.full((G, H, c1 - c0), NEG_INF)  # blocks first: what dial_mass works in
             parts = []
             for g, a, b in p.spans:
                 if a >= P1:
@@ -354,18 +371,36 @@ class LocalistAttentionLayer(Attention):
                     o2, l2 = sdpa(qc, kg[:, :, P0 - a:], vg[:, :, P0 - a:], 0.0, True, scale=scale)
                     i, lse = 0, torch.logaddexp(l1, l2)
                     o = o1 * (l1 - lse).exp().unsqueeze(-1) + o2 * (l2 - lse).exp().unsqueeze(-1)
-                log_mass[:, i:, g] = lse[0]
-                parts.append((g, i, o[0].transpose(0, 1)))  # [n_g, H, D]
-            mass = dial_mass(log_mass, rho, p.pinned).transpose(0, 1)  # [n, H, G]
-            merged = torch.zeros(c1 - c0, H, D)
+                log_mass[g, :, i:] = lse[0]
+                parts.append((g, i, o[0]))  # [H, n_g, D]
+            mass = dial_mass(log_mass.movedim(0, -1), rho, p.pinned).movedim(-1, 0)  # [G, H, n]
+            target = out[p.query_start + c0: p.query_start + c1]
+            if kernel is not None:  # Σ_g π^ρ_g o_g in one pass, written once
+                kernel.merge_blocks([o.transpose(0, 1) for _, _, o in parts], [i for _, i, _ in parts],
+                                    [g for g, _, _ in parts], mass.contiguous(), target)
+                continue
+            merged = torch.zeros(H, c1 - c0, D)
             for g, i, o in parts:
-                merged[i:].addcmul_(o, mass[i:, :, g, None])
-            out[p.query_start + c0: p.query_start + c1] = merged.to(out.dtype)
+                merged[:, i:].addcmul_(o, mass[g, :, i:, None])
+            target.copy_(merged.transpose(0, 1))
 
     def _last_query_stats(self, p: _Prefill, query, keys, values, rho) -> torch.Tensor:
-        """[3, H, G] statistics of the row's last query (the one that produces a token), from the oracle."""
+        """[3, H, G] statistics of the row's last query (the one that produces a token).
+
+        Through the split-KV kernel over the paged cache (vLLM has written this chunk's K/V before
+        attention), as a decode query's, with π^ρ from ``dial_mass``; the oracle without a kernel.
+        """
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_size
-        g = H // Hkv
+        g, G = H // Hkv, p.pinned.numel()
+        kernel = paged_kernel()
+        cache = getattr(self, "kv_cache", None)
+        if kernel is not None and isinstance(cache, torch.Tensor) and self._k_transposed is not None:
+            log_mass, inner_entropy, _ = kernel.block_partials(
+                query.reshape(1, Hkv, g, D).float().contiguous(), cache.view(cache.shape[0], Hkv, 2, -1),
+                p.block_index[None], torch.tensor([p.seq_len]), p.block_ids[None], G, bool(self._k_transposed),
+                float(self.impl.scale))
+            mass = dial_mass(log_mass, rho, p.pinned)
+            return torch.stack([log_mass, mass, inner_entropy]).view(3, H, G)
         visible = torch.ones(1, g, p.seq_len, dtype=torch.bool)  # the last query sees every key
         _, st = localist_attention(
             query.view(1, Hkv, g, D), keys[None], values[None], p.block_ids[None], rho.view(1),

@@ -345,9 +345,12 @@ def test_paged_kernel_equals_torch_path(transposed):
 
 @pytest.mark.parametrize("budget", [1 << 24, 3 * 8 * 8 * 16], ids=["one-chunk", "query-chunks"])
 @pytest.mark.parametrize("cached", [0, 37], ids=["fresh", "chunked-prefill"])
-def test_blockwise_prefill_equals_torch_path(monkeypatch, budget, cached):
+@pytest.mark.parametrize("merge", ["kernel", "torch"])
+def test_blockwise_prefill_equals_torch_path(monkeypatch, budget, cached, merge):
     """Prefill rows against the oracle: blocks starting before, inside and after a query chunk,
-    queries before a block, keys already in the paged cache (chunked prefill), GQA, ρ = 0 and > 0."""
+    queries before a block, keys already in the paged cache (chunked prefill), GQA, ρ = 0 and > 0;
+    the blocks merged (and the last query's statistics taken) by the compiled kernel and by the
+    pure-torch fallback."""
     from types import SimpleNamespace
 
     import localist.model.vllm_model as vm
@@ -355,14 +358,20 @@ def test_blockwise_prefill_equals_torch_path(monkeypatch, budget, cached):
     from localist.model.vllm_model import LocalistAttentionLayer, _Prefill, _spans
 
     monkeypatch.setattr(vm, "_PREFILL_BUDGET", budget)  # 3-query chunks: blocks start before, at and inside chunks
+    if merge == "kernel":
+        assert vm.paged_kernel() is not None, "the kernel must build on this machine (g++ is part of the set-up)"
+    else:
+        monkeypatch.setattr(vm, "paged_kernel", lambda: None)
     torch.manual_seed(1)
     H, Hkv, D, bs, nb = 8, 2, 16, 16, 12
     layer = LocalistAttentionLayer.__new__(LocalistAttentionLayer)
     torch.nn.Module.__init__(layer)
     layer.num_heads, layer.num_kv_heads, layer.head_size = H, Hkv, D
     layer.impl = SimpleNamespace(scale=D ** -0.5)
-    k_cache = torch.randn(nb, Hkv, D, bs)  # K transposed per cache block, as _paged_views returns it
-    v_cache = torch.randn(nb, Hkv, bs, D)
+    layer.kv_cache, layer._k_transposed = torch.randn(nb, Hkv, bs, 2 * D), True  # the kernel reads the raw cache
+    raw = layer.kv_cache.view(nb, Hkv, 2, bs * D)
+    k_cache = raw[:, :, 0].unflatten(-1, (D, bs))  # K transposed per cache block, as _paged_views returns it
+    v_cache = raw[:, :, 1].unflatten(-1, (bs, D))
     S, block_index = 90, torch.randperm(nb)[:6]
     keys = k_cache[block_index].permute(1, 0, 3, 2).reshape(Hkv, -1, D)[:, :S]
     values = v_cache[block_index].permute(1, 0, 2, 3).reshape(Hkv, -1, D)[:, :S]
@@ -391,3 +400,27 @@ def test_blockwise_prefill_equals_torch_path(monkeypatch, budget, cached):
         assert torch.equal(finite, torch.isfinite(p.stats[0][0]))
         assert torch.allclose(p.stats[0][0][finite], last[0][finite], atol=1e-5)
         assert torch.allclose(p.stats[0][1:], last[1:], atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_merge_blocks_equals_weighted_sum(dtype):
+    """The compiled prefill merge: Σ_g π_g·o_g over the parts whose queries include t, in the
+    engine's dtype (bf16 parts from flash, a float32 part from a straddling block), written once."""
+    from localist.model.vllm_model import paged_kernel
+
+    kernel = paged_kernel()
+    assert kernel is not None, "the kernel must build on this machine (g++ is part of the set-up)"
+    torch.manual_seed(2)
+    n, H, D, G = 23, 3, 40, 5
+    starts, blocks = [0, 0, 7, 22], [0, 2, 3, 4]  # block 1 has no part (absent); the last part is 1 query
+    parts = [torch.randn(H, n - s, D).to(dtype if j != 1 else torch.float32).transpose(0, 1)  # flash's layout
+             for j, s in enumerate(starts)]
+    mass = torch.rand(G, H, n)
+    mass[3, :, 9] = 0.0  # a zero weight is skipped, not multiplied
+    out = torch.full((n, H, D), float("nan"), dtype=dtype)
+    kernel.merge_blocks(parts, starts, blocks, mass, out)
+    want = torch.zeros(n, H, D, dtype=torch.float64)
+    for o, s, g in zip(parts, starts, blocks):
+        want[s:] += o.double() * mass[g, :, s:].t().double().unsqueeze(-1)
+    atol, rtol = (1e-5, 1e-6) if dtype == torch.float32 else (0.0, 8e-3)  # bf16: one rounding of the sum
+    assert torch.allclose(out.double(), want, atol=atol, rtol=rtol)
