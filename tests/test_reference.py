@@ -58,10 +58,13 @@ def test_batch_with_mixed_dials_and_layouts_equals_solo(ref):
     for row, (table, rho) in enumerate(zip(tables, dials)):
         solo_logits, solo_stats = ref.forward([table], [rho])
         n = len(table.token_ids)
-        assert torch.allclose(logits[row, :n], solo_logits[0], atol=1e-5)
+        # float32 rounding (reductions over a batch-padded block count) is amplified (1 + λ)-fold by
+        # the sharpened dial; the tolerances follow it (ρ = 0 rows must agree to the usual 1e-5)
+        amp = 1 + max((r / (1 - r) for r in rho if r < 1), default=0.0)
+        assert torch.allclose(logits[row, :n], solo_logits[0], atol=1e-5 * amp)
         for layer, s in solo_stats.items():
             G = table.num_blocks
-            assert torch.allclose(stats[layer].mass[row, :, :n, :G], s.mass[0], atol=1e-6)
+            assert torch.allclose(stats[layer].mass[row, :, :n, :G], s.mass[0], atol=1e-6 * amp)
             assert stats[layer].mass[row, :, :n, G:].abs().sum() == 0  # blocks of other rows get nothing
 
 
