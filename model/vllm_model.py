@@ -73,10 +73,20 @@ class _Decode:
     rho: torch.Tensor  # [L, R]
     keep: list[tuple[int, str, int, int]]  # (row in group, request id, token index, G)
     stats: list[torch.Tensor] = field(default_factory=list)  # per layer [3, R, H, G]
-    # Per-step inputs of the kernel path, made once for all layers (see _kernel_inputs).
-    rows: slice | torch.Tensor | None = None  # the rows' queries in the flat batch (a slice when consecutive)
-    layer_rho: list = field(default_factory=list)  # per layer: one float for all rows, or [R, 1, 1]
-    pinned_view: torch.Tensor | None = None  # [R, 1, 1, G]
+    # Derived once per step for every layer's kernel call (see __post_init__).
+    rows: slice | torch.Tensor = field(init=False)  # the rows' queries in the flat batch (a slice when consecutive)
+    layer_rho: list = field(init=False)  # per layer: one float for all rows, or [R, 1, 1]
+    pinned_view: torch.Tensor = field(init=False)  # [R, 1, 1, G]
+
+    def __post_init__(self) -> None:
+        """The rows as a slice when they are consecutive (views instead of gathers), ρ per layer as
+        one float when all rows share it (the dial's cheaper path), the pinned flags in the merge's shape."""
+        idx = self.query_index.tolist()
+        consecutive = idx == list(range(idx[0], idx[0] + len(idx)))
+        self.rows = slice(idx[0], idx[-1] + 1) if consecutive else self.query_index
+        R, G = self.pinned.shape
+        self.layer_rho = [r[0] if len(set(r)) == 1 else torch.tensor(r).view(R, 1, 1) for r in self.rho.tolist()]
+        self.pinned_view = self.pinned.view(R, 1, 1, G)
 
 
 @dataclass
@@ -182,17 +192,6 @@ def _build_plan(context, meta, block_size: int) -> _Plan | None:
     return _Plan(context, decode, prefills)
 
 
-def _kernel_inputs(d: _Decode) -> None:
-    """What every layer's kernel call shares, made once per step: the rows as a slice when they are
-    consecutive (views instead of gathers), ρ per layer as one float when all rows share it (the
-    dial's cheaper path), the pinned flags in the merge's shape."""
-    idx = d.query_index.tolist()
-    d.rows = slice(idx[0], idx[-1] + 1) if idx == list(range(idx[0], idx[0] + len(idx))) else d.query_index
-    R, G = d.pinned.shape
-    d.layer_rho = [r[0] if len(set(r)) == 1 else torch.tensor(r).view(R, 1, 1) for r in d.rho.tolist()]
-    d.pinned_view = d.pinned.view(R, 1, 1, G)
-
-
 def _flush(plan: _Plan) -> None:
     """After the last layer: hand each produced token's [L, H, G] statistics to the store."""
     if plan.decode is not None and plan.decode.keep:
@@ -296,19 +295,23 @@ class LocalistAttentionLayer(Attention):
 
     def _decode_kernel(self, kernel, d: _Decode, q, out, layer: int) -> None:
         """One pass over the paged cache in C++ (per-block partials), merged by the dial in Python."""
-        if d.rows is None:
-            _kernel_inputs(d)
         R, G = d.pinned.shape
-        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_size
-        cache = self.kv_cache
-        queries = q[d.rows].reshape(R, Hkv, H // Hkv, D).float().contiguous()
-        log_mass, inner_entropy, partial = kernel.block_partials(
-            queries, cache.view(cache.shape[0], Hkv, 2, -1), d.block_index, d.seq_lens, d.block_ids, G,
-            bool(self._k_transposed), float(self.impl.scale))
+        H, D = self.num_heads, self.head_size
+        log_mass, inner_entropy, partial = self._block_partials(
+            kernel, q[d.rows], d.block_index, d.seq_lens, d.block_ids, G)
         merged, mass = merge_block_partials(partial, log_mass, d.layer_rho[layer], d.pinned_view, finite=True)
         out[d.rows] = merged.view(R, H, D)
         if d.keep:
             d.stats.append(torch.stack([log_mass, mass, inner_entropy]).view(3, R, H, G))
+
+    def _block_partials(self, kernel, queries, block_index, seq_lens, block_ids, G: int):
+        """The split-KV kernel over this layer's paged cache for R rows of one query each ([R, H, D]):
+        per block the log-mass, the inner entropy and the block's own output."""
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_size
+        cache = self.kv_cache
+        return kernel.block_partials(
+            queries.reshape(-1, Hkv, H // Hkv, D).float().contiguous(), cache.view(cache.shape[0], Hkv, 2, -1),
+            block_index, seq_lens, block_ids, G, bool(self._k_transposed), float(self.impl.scale))
 
     def _prefill(self, p: _Prefill, q, k, v, k_cache, v_cache, out, layer: int) -> None:
         Hkv, D, S = self.num_kv_heads, self.head_size, p.seq_len
@@ -393,12 +396,9 @@ class LocalistAttentionLayer(Attention):
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_size
         g, G = H // Hkv, p.pinned.numel()
         kernel = paged_kernel()
-        cache = getattr(self, "kv_cache", None)
-        if kernel is not None and isinstance(cache, torch.Tensor) and self._k_transposed is not None:
-            log_mass, inner_entropy, _ = kernel.block_partials(
-                query.reshape(1, Hkv, g, D).float().contiguous(), cache.view(cache.shape[0], Hkv, 2, -1),
-                p.block_index[None], torch.tensor([p.seq_len]), p.block_ids[None], G, bool(self._k_transposed),
-                float(self.impl.scale))
+        if kernel is not None:
+            log_mass, inner_entropy, _ = self._block_partials(
+                kernel, query[None], p.block_index[None], torch.tensor([p.seq_len]), p.block_ids[None], G)
             mass = dial_mass(log_mass, rho, p.pinned)
             return torch.stack([log_mass, mass, inner_entropy]).view(3, H, G)
         visible = torch.ones(1, g, p.seq_len, dtype=torch.bool)  # the last query sees every key
