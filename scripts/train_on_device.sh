@@ -9,21 +9,21 @@ mkdir -p /tmp/pkg/localist
 for d in model server clients; do ln -sfn "$PWD/$d" /tmp/pkg/localist/$d; done
 export PYTHONPATH=/tmp/pkg PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi -L
-names=()
+trainer() {  # name kwargs: the run's Trainer (it resumes from the folder's checkpoint when there is one)
+  echo "from localist.model.train import Trainer; from localist.model.train_config import TrainConfig
+t = Trainer(TrainConfig(out='/tmp/runs/$1', device='cuda', progress=False, $2))"
+}
+names=(); kws=()
 while [ $# -ge 2 ]; do
-  name=$1; kw=$2; shift 2; names+=("$name")
-  timeout "$LIMIT" python3 -c "
-from localist.model.train import Trainer; from localist.model.train_config import TrainConfig
-Trainer(TrainConfig(out='/tmp/runs/$name', device='cuda', progress=False, $kw)).run()" > "/tmp/$name.log" 2>&1 &
+  names+=("$1"); kws+=("$2")
+  timeout "$LIMIT" python3 -c "$(trainer "$1" "$2"); t.run()" > "/tmp/$1.log" 2>&1 &
+  shift 2
 done
 wait
-for name in "${names[@]}"; do
+for i in "${!names[@]}"; do
+  name=${names[$i]}
   if [ ! -f "/tmp/runs/$name/model.safetensors" ]; then  # cut by the time limit: export the last checkpoint
-    python3 -c "
-import torch; from localist.model.train import Trainer; from localist.model.train_config import TrainConfig
-st = torch.load('/tmp/runs/$name/checkpoint.pt', map_location='cpu', weights_only=False)
-c = st['config']; c['device'] = 'cuda'; c['mu_ramp'] = tuple(c['mu_ramp']); c['rho_ramp'] = tuple(c['rho_ramp'])
-t = Trainer(TrainConfig(**c)); print('exported at step', t.step); t.export()" >> "/tmp/$name.log" 2>&1
+    python3 -c "$(trainer "$name" "${kws[$i]}"); print('exported at step', t.step); t.export()" >> "/tmp/$name.log" 2>&1
   fi
   grep -h '"rho=0.0"' "/tmp/$name.log" | tail -20 | sed "s/^/$name /"
   tail -3 "/tmp/$name.log"
