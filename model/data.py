@@ -251,6 +251,7 @@ class Encoded:
     table: BlockTable  # the prompt's blocks (response block = the generation prompt)
     answer_ids: list[int]  # answer tokens, EOS included
     target_block: int
+    lookup: int = -1  # answer token holding the cited id's first digit: the one that needs the lookup
 
     @property
     def input_ids(self) -> list[int]:
@@ -270,5 +271,7 @@ def encode(example: Example, tokenizer, split_kinds: Sequence[str] = ()) -> Enco
     table = table_from_chat(tokenizer, example.messages(), spans={1: example.spans()})
     if split_kinds:
         table = apply_layout(table, tokenizer, split_kinds)[0]
-    answer = list(tokenizer(example.answer, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
-    return Encoded(table, answer, table.index(example.target))
+    enc = tokenizer(example.answer, add_special_tokens=False, return_offsets_mapping=True)
+    digit = example.answer.index(f", {example.target}:") + 3  # "Case: <case>, R12: …" → the "1"
+    lookup = next(k for k, (a, b) in enumerate(enc["offset_mapping"]) if a <= digit < b)
+    return Encoded(table, list(enc["input_ids"]) + [tokenizer.eos_token_id], table.index(example.target), lookup)

@@ -54,6 +54,7 @@ class Batch:
     target: torch.Tensor  # [B] ground-truth block
     weights: torch.Tensor  # [B, T−1] next-token loss weights
     answer: torch.Tensor  # [B, T−1] bool: position t predicts an answer token
+    lookup: torch.Tensor  # [B, T−1] bool: position t predicts the cited id (Encoded.lookup)
 
     def to(self, device: str) -> Batch:
         return Batch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
@@ -70,6 +71,7 @@ def collate(encoded: Sequence[Encoded], pad_id: int, prompt_weight: float) -> Ba
     candidate = torch.zeros(B, G, dtype=torch.bool)
     weights = torch.zeros(B, T - 1)
     answer = torch.zeros(B, T - 1, dtype=torch.bool)
+    lookup = torch.zeros(B, T - 1, dtype=torch.bool)
     for row, e in enumerate(encoded):
         n, p = len(e.input_ids), len(e.table.token_ids)
         input_ids[row, :n] = torch.tensor(e.input_ids)
@@ -79,8 +81,10 @@ def collate(encoded: Sequence[Encoded], pad_id: int, prompt_weight: float) -> Ba
         weights[row, : p - 1] = prompt_weight
         weights[row, p - 1 : n - 1] = 1.0
         answer[row, p - 1 : n - 1] = True
+        if e.lookup >= 0:
+            lookup[row, p - 1 + e.lookup] = True
     target = torch.tensor([e.target_block for e in encoded])
-    return Batch(input_ids, block_ids, pinned, candidate, target, weights, answer)
+    return Batch(input_ids, block_ids, pinned, candidate, target, weights, answer, lookup)
 
 
 def forward(model: PreTrainedModel, batch: Batch, rho: torch.Tensor):
@@ -114,25 +118,26 @@ def candidate_entropy(stats, batch: Batch) -> torch.Tensor:
     return total / max(count, 1)
 
 
-def answer_fidelity(stats, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Σ π(target) and Σ candidate mass over answer-producing queries, layers, heads, per sequence."""
+def answer_fidelity(stats, batch: Batch, queries: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ π(target) and Σ candidate mass over ``queries`` ([B, T−1], default: the answer-producing
+    ones), layers and heads, per sequence."""
     cand = batch.candidate[:, None, None, :].float()
     tgt = F.one_hot(batch.target, batch.candidate.shape[1]).float()[:, None, None, :]
-    q = torch.zeros_like(batch.answer[:, :1].expand(-1, batch.input_ids.shape[1])).clone()
-    q[:, :-1] = batch.answer
+    q = torch.zeros_like(batch.input_ids, dtype=torch.float)
+    q[:, :-1] = batch.answer if queries is None else queries
     on_t = sum(((s.mass * tgt).sum(-1) * q[:, None, :]).sum((1, 2)) for s in stats)
     on_c = sum(((s.mass * cand).sum(-1) * q[:, None, :]).sum((1, 2)) for s in stats)
     return on_t, on_c
 
 
-def off_target_share(stats, batch: Batch) -> torch.Tensor:
+def off_target_share(stats, batch: Batch, queries: torch.Tensor | None = None) -> torch.Tensor:
     """1 − pointer fidelity (SPEC §3, response-level F over answer queries, layers, heads) of the
     batch, differentiable: the evidence-directed attention of the answer that misses the target.
 
     Ground truth of the training split only; it teaches a head that reads evidence to read the
     right block, or none (a head that cannot know the target yet, e.g. in layer 0, is free to
     attend to the question or the sink instead)."""
-    on_t, on_c = answer_fidelity(stats, batch)
+    on_t, on_c = answer_fidelity(stats, batch, queries)
     return 1.0 - on_t.sum() / on_c.sum().clamp(min=1e-6)
 
 
@@ -258,7 +263,9 @@ class Trainer:
         loss_nll = (nll * batch.weights).sum() / batch.weights.sum()
         penalty = candidate_entropy(stats, batch)
         off_target = off_target_share(stats, batch)
-        loss = loss_nll + mu_at(cfg, self.step) * penalty + pointer_at(cfg, self.step) * off_target
+        off_lookup = off_target_share(stats, batch, batch.lookup)
+        loss = (loss_nll + mu_at(cfg, self.step) * penalty + pointer_at(cfg, self.step) * off_target
+                + cfg.lookup_weight * off_lookup)
         for group in self.opt.param_groups:
             group["lr"] = lr_at(cfg, self.step)
         self.opt.zero_grad(set_to_none=True)
@@ -268,7 +275,7 @@ class Trainer:
         self.step += 1
         answer_nll = (nll * batch.answer).sum() / batch.answer.sum()
         return {"step": self.step, "loss": loss.item(), "nll": loss_nll.item(), "answer_nll": answer_nll.item(),
-                "penalty": penalty.item(), "off_target": off_target.item(), "mu": mu_at(cfg, self.step - 1),
+                "penalty": penalty.item(), "off_target": off_target.item(), "off_lookup": off_lookup.item(), "mu": mu_at(cfg, self.step - 1),
                 "nu": pointer_at(cfg, self.step - 1), "grad_norm": grad_norm.item(), "lr": lr_at(cfg, self.step - 1)}
 
     def run(self) -> Path:

@@ -92,6 +92,8 @@ def test_encoding_puts_each_evidence_block_in_its_own_candidate_block(tok):
         assert tok.decode(table.token_ids[target.start:target.end]) == ex.target_block.text + "\n"
         assert tok.decode(enc.answer_ids, skip_special_tokens=True) == ex.answer
         assert enc.answer_ids[-1] == tok.eos_token_id
+        digit = ex.answer.index(f", {ex.target}:") + 3  # the lookup token holds the cited id's first digit
+        assert len(tok.decode(enc.answer_ids[: enc.lookup])) <= digit < len(tok.decode(enc.answer_ids[: enc.lookup + 1]))
         assert len(enc.block_ids) == len(enc.input_ids)
         rendered = tok.apply_chat_template(ex.messages(), tokenize=False, add_generation_prompt=True)
         assert tok.decode(table.token_ids) == rendered

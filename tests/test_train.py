@@ -100,6 +100,7 @@ def test_candidate_entropy_counts_only_pointing_queries():
         input_ids=torch.zeros(1, 2, dtype=torch.long), block_ids=torch.tensor([[1, 3]]),
         pinned=torch.tensor([[True, False, False, False]]), candidate=torch.tensor([[False, True, True, False]]),
         target=torch.tensor([1]), weights=torch.zeros(1, 1), answer=torch.zeros(1, 1, dtype=torch.bool),
+        lookup=torch.zeros(1, 1, dtype=torch.bool),
     )
     assert float(candidate_entropy([stats], batch)) == pytest.approx(math.log(2))
 
@@ -149,13 +150,17 @@ def test_off_target_share_is_one_minus_answer_fidelity_and_trains_the_attention(
         input_ids=torch.zeros(1, 2, dtype=torch.long), block_ids=torch.tensor([[1, 3]]),
         pinned=torch.tensor([[True, False, False, False]]), candidate=torch.tensor([[False, True, True, False]]),
         target=torch.tensor([1]), weights=torch.ones(1, 1), answer=torch.ones(1, 1, dtype=torch.bool),
+        lookup=torch.tensor([[False]]),
     )
     p = torch.softmax(torch.tensor([0.0, 1.0, 2.0, 0.0]), -1)
     loss = off_target_share([stats], batch)
     assert loss.item() == pytest.approx(float(p[2] / (p[1] + p[2])))
-    loss.backward()
+    loss.backward(retain_graph=True)
     assert log_mass.grad[0, 1] < 0 < log_mass.grad[0, 2]  # towards the target, away from the distractor
     assert torch.all(log_mass.grad[1] == 0)  # the query that does not answer is not scored
+    log_mass.grad = None
+    off_target_share([stats], batch, batch.lookup).backward()
+    assert torch.all(log_mass.grad == 0)  # the lookup term scores only the query that cites the id
     cfg = tiny("/tmp/unused", steps=100, pointer_weight=0.5, mu_ramp=(0.2, 0.4))
     assert pointer_at(cfg, 0) == 0.0 and pointer_at(cfg, 40) == 0.5  # ramps in with μ
 
