@@ -23,12 +23,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from vllm import envs
+from vllm._custom_ops import cpu_attn_get_scheduler_metadata
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.attention.attention import unified_kv_cache_update
 from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.utils import extract_layer_index
+from vllm.v1.attention.backends.cpu_attn import CPUAttentionMetadata
 
 from localist.model.attention import NEG_INF, dial_mass, localist_attention, merge_block_partials
 from localist.model.vllm_engine import WORKER, RequestState
@@ -103,6 +106,7 @@ class _Prefill:
     rho: torch.Tensor  # [L]
     keep: tuple[str, int] | None  # (request id, token index) when its last query produces a token
     stats: list[torch.Tensor] = field(default_factory=list)  # per layer [3, H, G]
+    stock: CPUAttentionMetadata | None = None  # this row alone for vLLM's kernel (ρ = 0 layers), made once
 
 
 @dataclass
@@ -314,29 +318,43 @@ class LocalistAttentionLayer(Attention):
             block_index, seq_lens, block_ids, G, bool(self._k_transposed), float(self.impl.scale))
 
     def _prefill(self, p: _Prefill, q, k, v, k_cache, v_cache, out, layer: int) -> None:
-        Hkv, D, S = self.num_kv_heads, self.head_size, p.seq_len
-        if S == p.query_len:  # nothing cached before this chunk: the fresh K/V are all the keys
-            keys = k[p.query_start: p.query_start + S].transpose(0, 1)
-            values = v[p.query_start: p.query_start + S].transpose(0, 1)
-        else:
-            keys = k_cache[p.block_index].permute(1, 0, 3, 2).reshape(Hkv, -1, D)[:, :S].contiguous()
-            values = v_cache[p.block_index].permute(1, 0, 2, 3).reshape(Hkv, -1, D)[:, :S]
         rows = q[p.query_start: p.query_start + p.query_len]  # [Tq, H, D]
         rho = p.rho[layer]
+        # The row's K/V, only where something reads them besides vLLM's kernel or ours over the cache.
+        kv = self._row_kv(p, k, v, k_cache, v_cache) if float(rho) != 0.0 or paged_kernel() is None else None
         if float(rho) == 0.0:
-            # ρ = 0 is the base attention: one fused causal call (SPEC §8: ρ = 0 pays only the metrics).
-            first_pos = S - p.query_len
-            o = torch.nn.functional.scaled_dot_product_attention(
-                rows.transpose(0, 1)[None], keys[None], values[None],
-                attn_mask=None if first_pos == 0 else
-                torch.arange(S).unsqueeze(0) <= torch.arange(first_pos, S).unsqueeze(1),
-                is_causal=first_pos == 0, scale=self.impl.scale, enable_gqa=Hkv != self.num_heads,
-            )
-            out[p.query_start: p.query_start + p.query_len] = o[0].transpose(0, 1).to(out.dtype)
+            # ρ = 0 is the base attention: vLLM's own CPU attention for this row (the stock computation;
+            # SPEC §8: ρ = 0 pays only the metrics).
+            self.impl.forward(self, rows, None, None, self.kv_cache, self._stock_metadata(p),
+                              out[p.query_start: p.query_start + p.query_len])
         else:
-            self._prefill_blocks(p, rows, keys, values, rho, out)
+            self._prefill_blocks(p, rows, *kv, rho, out)
         if p.keep is not None:
-            p.stats.append(self._last_query_stats(p, rows[-1], keys, values, rho))
+            p.stats.append(self._last_query_stats(p, rows[-1], kv, rho))
+
+    def _row_kv(self, p: _Prefill, k, v, k_cache, v_cache) -> tuple[torch.Tensor, torch.Tensor]:
+        """The row's keys and values [Hkv, S, D]: the fresh ones, or read back from the paged cache
+        when earlier chunks of the prompt are cached."""
+        Hkv, D, S = self.num_kv_heads, self.head_size, p.seq_len
+        if S == p.query_len:  # nothing cached before this chunk: the fresh K/V are all the keys
+            return k[p.query_start: p.query_start + S].transpose(0, 1), v[p.query_start: p.query_start + S].transpose(0, 1)
+        keys = k_cache[p.block_index].permute(1, 0, 3, 2).reshape(Hkv, -1, D)[:, :S].contiguous()
+        return keys, v_cache[p.block_index].permute(1, 0, 2, 3).reshape(Hkv, -1, D)[:, :S]
+
+    def _stock_metadata(self, p: _Prefill) -> CPUAttentionMetadata:
+        """vLLM's CPU attention metadata for this row alone (made by the first ρ = 0 layer of the step)."""
+        if p.stock is None:
+            qsl = torch.tensor([0, p.query_len], dtype=torch.int32)
+            seq_lens = torch.tensor([p.seq_len], dtype=torch.int32)
+            schedule = cpu_attn_get_scheduler_metadata(
+                num_reqs=1, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_size,
+                seq_lens=seq_lens, dtype=self.kv_cache.dtype, query_start_loc=qsl, causal=True,
+                sliding_window_size=self.impl.sliding_window, isa=self.isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV)
+            p.stock = CPUAttentionMetadata(
+                num_actual_tokens=p.query_len, max_query_len=p.query_len, query_start_loc=qsl, max_seq_len=p.seq_len,
+                seq_lens=seq_lens, block_table=p.block_index[None].int(), slot_mapping=None,
+                scheduler_metadata=schedule)
+        return p.stock
 
     def _prefill_blocks(self, p: _Prefill, rows, keys, values, rho, out) -> None:
         """ρ > 0: per semantic block ordinary causal attention over its keys alone, merged by the dial.
@@ -395,7 +413,7 @@ class LocalistAttentionLayer(Attention):
                 merged[i:].addcmul_(o, mass[g, :, i:].t().unsqueeze(-1))
             target.copy_(merged)
 
-    def _last_query_stats(self, p: _Prefill, query, keys, values, rho) -> torch.Tensor:
+    def _last_query_stats(self, p: _Prefill, query, kv, rho) -> torch.Tensor:
         """[3, H, G] statistics of the row's last query (the one that produces a token).
 
         Through the split-KV kernel over the paged cache (vLLM has written this chunk's K/V before
@@ -411,7 +429,7 @@ class LocalistAttentionLayer(Attention):
             return torch.stack([log_mass, mass, inner_entropy]).view(3, H, G)
         visible = torch.ones(1, g, p.seq_len, dtype=torch.bool)  # the last query sees every key
         _, st = localist_attention(
-            query.view(1, Hkv, g, D), keys[None], values[None], p.block_ids[None], rho.view(1),
+            query.view(1, Hkv, g, D), kv[0][None], kv[1][None], p.block_ids[None], rho.view(1),
             p.pinned[None], self.impl.scale, key_visible=visible,
         )
         return torch.stack([st.log_mass, st.mass, st.inner_entropy]).view(3, H, -1)
