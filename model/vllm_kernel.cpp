@@ -7,6 +7,8 @@
 // here: Python merges the blocks with localist.model.attention.merge_block_partials. The cache is
 // read once, in place (no gather copy). merge_blocks is the prefill's merge Σ_g π^ρ_g·o_g (π^ρ from
 // Python's dial_mass), written once into vLLM's output without a float buffer per block.
+// block_prefill (compiled only with AVX512-BF16) gives the prefill the same per-block partials for
+// many queries at once: each block's own causal attention output and log-mass, flash style.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>

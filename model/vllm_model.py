@@ -4,11 +4,12 @@
 same layers, same weight loading — whose attention layers are swapped for
 :class:`LocalistAttentionLayer`. That layer keeps vLLM's KV-cache *write* (so the cache layout stays
 vLLM's), then attends with the request's block ids, pinned blocks and this layer's ρ: decode through
-the split-KV kernel (vllm_kernel.cpp), prefill through one fused SDPA call per semantic block; both
-merge the per-block outputs with :func:`localist.model.attention.dial_mass`, the one definition of
-the dial, and :func:`~localist.model.attention.localist_attention` stays the oracle (and computes the
-statistics of the query that produces a token). A batch with no localist request runs vLLM's stock
-kernel untouched.
+the split-KV kernel (vllm_kernel.cpp), prefill through the blockwise kernel (bf16; otherwise one
+fused SDPA call per semantic block); both merge the per-block outputs with
+:func:`localist.model.attention.dial_mass`, the one definition of the dial, and
+:func:`~localist.model.attention.localist_attention` stays the oracle (and, without a compiler,
+computes the statistics of the query that produces a token). A batch with no localist request runs
+vLLM's stock kernel untouched, and so does a prefill row whose ρ is 0 in a layer.
 
 The per-step plan (which rows decode, which prefill, their block ids, ρ per layer, who produces a
 token) is built once per forward pass from the attention metadata and the row table kept by
