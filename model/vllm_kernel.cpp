@@ -57,6 +57,23 @@ inline void axpy(float* __restrict__ y, const T* __restrict__ x, float a, int64_
   for (int64_t i = 0; i < n; ++i) y[i] += a * to_float(x[i]);
 }
 
+// x[t] = q · K[:, t] for W consecutive keys of a K^T block (rows of stride bs): W/16 independent
+// accumulators, so the loop over d is not one chain of FMA latencies.
+template <int W, typename T>
+inline void key_dots(float* __restrict__ x, const T* __restrict__ K, int64_t bs, const float* q, int64_t D) {
+  float acc[W] = {};
+  for (int64_t d = 0; d < D; ++d) axpy(acc, K + d * bs, q[d], W);
+  std::memcpy(x, acc, sizeof(acc));
+}
+
+// y += a[0]·x[0·D ..] + … + a[3]·x[3·D ..]: four consecutive rows of D in one pass over y.
+template <typename T>
+inline void axpy4(float* __restrict__ y, const T* __restrict__ x, const float* a, int64_t D) {
+  const float a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
+  for (int64_t i = 0; i < D; ++i)
+    y[i] += a0 * to_float(x[i]) + a1 * to_float(x[D + i]) + a2 * to_float(x[2 * D + i]) + a3 * to_float(x[3 * D + i]);
+}
+
 template <typename T>
 void partials_impl(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& block_table,
                    const at::Tensor& seq_lens, const at::Tensor& block_ids, int64_t G, bool k_transposed,
@@ -105,9 +122,13 @@ void partials_impl(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& 
           float* x = scores.data() + gi * bs;
           const float* qq = qh + gi * D;
           if (k_transposed) {  // K^T rows are contiguous over the block's tokens: vectorise over t
-            for (int64_t t = 0; t < bs; ++t) x[t] = 0.f;
-            for (int64_t d = 0; d < D; ++d) {
-              axpy(x, K + d * bs, qq[d], bs);
+            int64_t t0 = 0;  // 64 (then 16) scores stay in registers over the whole dot product
+            for (; t0 + 64 <= bs; t0 += 64) key_dots<64>(x + t0, K + t0, bs, qq, D);
+            for (; t0 + 16 <= bs; t0 += 16) key_dots<16>(x + t0, K + t0, bs, qq, D);
+            for (int64_t t = t0; t < bs; ++t) {
+              float acc = 0.f;
+              for (int64_t d = 0; d < D; ++d) acc += qq[d] * to_float(K[d * bs + t]);
+              x[t] = acc;
             }
           } else {
             for (int64_t t = 0; t < bs; ++t) {
@@ -136,17 +157,28 @@ void partials_impl(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& 
           const float Mg = M[gi];
           for (int64_t t = 0; t < n; ++t) e[t] = exp_nonpos(x[t] - Mg);
         }
+        // Runs of keys of one semantic block (blocks are contiguous): the block's sums and output are
+        // updated once per run, four keys per pass over o, not once per key through memory.
         const int64_t* idb = ids + r * Tmax + b * bs;
-        for (int64_t t = 0; t < n; ++t) {
+        for (int64_t t = 0, t1; t < n; t = t1) {
           const int64_t g = idb[t];
+          for (t1 = t + 1; t1 < n && idb[t1] == g;) ++t1;
           if (g < 0 || g >= G) continue;
-          const T* vt = V + t * D;
           for (int64_t gi = 0; gi < Gq; ++gi) {
-            const float et = ex[gi * bs + t];
+            const float* e = ex.data() + gi * bs;
+            const float* xs = scores.data() + gi * bs;
             const int64_t k = gi * G + g;
-            s[k] += et;
-            sw[k] += et * scores[gi * bs + t];
-            axpy(o + k * D, vt, et, D);
+            float es = 0.f, ew = 0.f;
+            for (int64_t u = t; u < t1; ++u) {
+              es += e[u];
+              ew += e[u] * xs[u];
+            }
+            s[k] += es;
+            sw[k] += ew;
+            float* ok = o + k * D;
+            int64_t u = t;
+            for (; u + 4 <= t1; u += 4) axpy4(ok, V + u * D, e + u, D);
+            for (; u < t1; ++u) axpy(ok, V + u * D, e[u], D);
           }
         }
       }

@@ -374,7 +374,8 @@ class LocalistAttentionLayer(Attention):
         G, first_pos, scale = p.pinned.numel(), p.seq_len - p.query_len, self.impl.scale
         sdpa = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
         kernel = paged_kernel() if out.is_contiguous() else None
-        fused = kernel is not None and hasattr(kernel, "block_prefill") and rows.dtype == keys.dtype == torch.bfloat16
+        fused = (kernel is not None and hasattr(kernel, "block_prefill") and rows.dtype == keys.dtype == torch.bfloat16
+                 and D % 32 == 0)  # the kernel's P·V widths
         q_all, k_all, v_all = rows.transpose(0, 1)[None], keys[None], values[None]  # [1, H(kv), T, D]
         span_g, span_a, span_b = (list(x) for x in zip(*p.spans))
         chunk = max(1, _PREFILL_BUDGET // (H * G * D))

@@ -286,8 +286,9 @@ def test_records_of_departed_requests_expire():
 # ---- the compiled split-KV kernel against the pure-torch path (its oracle) -----------------------
 
 
+@pytest.mark.parametrize("bs", [32, 80], ids=["block-32", "block-80"])  # 80: the 64- and the 16-key dot paths
 @pytest.mark.parametrize("transposed", [True, False], ids=["k-transposed", "k-plain"])
-def test_paged_kernel_equals_torch_path(transposed):
+def test_paged_kernel_equals_torch_path(transposed, bs):
     """Decode over a random paged cache: C++ per-block partials + merge == localist_attention on a gather."""
     from types import SimpleNamespace
 
@@ -296,7 +297,7 @@ def test_paged_kernel_equals_torch_path(transposed):
     kernel = paged_kernel()
     assert kernel is not None, "the kernel must build on this machine (g++ is part of the set-up)"
     torch.manual_seed(0)
-    H, Hkv, D, bs, nb, G = 8, 2, 32, 32, 40, 5
+    H, Hkv, D, nb, G = 8, 2, 32, 40, 5
     layer = LocalistAttentionLayer.__new__(LocalistAttentionLayer)
     torch.nn.Module.__init__(layer)
     layer.num_heads, layer.num_kv_heads, layer.head_size = H, Hkv, D
