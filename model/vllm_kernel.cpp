@@ -122,7 +122,8 @@ void partials_impl(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& 
           float* x = scores.data() + gi * bs;
           const float* qq = qh + gi * D;
           if (k_transposed) {  // K^T rows are contiguous over the block's tokens: vectorise over t
-            int64_t t0 = 0;  // 64 (then 16) scores stay in registers over the whole dot product
+            int64_t t0 = 0;  // 128, 64, then 16 scores stay in registers over the whole dot product
+            for (; t0 + 128 <= bs; t0 += 128) key_dots<128>(x + t0, K + t0, bs, qq, D);
             for (; t0 + 64 <= bs; t0 += 64) key_dots<64>(x + t0, K + t0, bs, qq, D);
             for (; t0 + 16 <= bs; t0 += 16) key_dots<16>(x + t0, K + t0, bs, qq, D);
             for (int64_t t = t0; t < bs; ++t) {

@@ -286,7 +286,7 @@ def test_records_of_departed_requests_expire():
 # ---- the compiled split-KV kernel against the pure-torch path (its oracle) -----------------------
 
 
-@pytest.mark.parametrize("bs", [32, 80], ids=["block-32", "block-80"])  # 80: the 64- and the 16-key dot paths
+@pytest.mark.parametrize("bs", [32, 80, 128], ids=["block-32", "block-80", "block-128"])  # the 16-, 64- and 128-key dot paths
 @pytest.mark.parametrize("transposed", [True, False], ids=["k-transposed", "k-plain"])
 def test_paged_kernel_equals_torch_path(transposed, bs):
     """Decode over a random paged cache: C++ per-block partials + merge == localist_attention on a gather."""
