@@ -25,19 +25,21 @@ SYSTEM = (
     "then give the decision or the value."
 )
 
-# name, (quantity, unit), entities, outcomes above the limit, outcomes at or below it
+# name, (quantity, unit), entities, outcomes above the limit, outcomes at or below it. No two
+# entities end in the same word: the answer cites a rule right after naming its entity, so the word
+# before the id is what tells the blocks apart (see ``solve``).
 DOMAINS = {
     "lending": ("Lending", ("loan amount", "thousand EUR"),
-                ["mortgage", "car loan", "student loan", "overdraft", "credit line", "consumer loan",
-                 "bridge loan", "home equity loan", "business loan", "microloan"],
+                ["mortgage", "overdraft", "microloan", "credit line", "student loan", "car lease",
+                 "bridge financing", "bank guarantee", "invoice factoring", "instalment plan"],
                 ["escalate", "reject", "refer"], ["approve", "accept"]),
     "kyc": ("KYC", ("value", "thousand EUR"),
             ["cash deposit", "wire transfer", "crypto purchase", "foreign payment", "new account",
-             "securities transfer", "cheque deposit", "trust account"],
+             "securities trade", "cheque", "gift card"],
             ["report", "verify", "freeze", "escalate"], ["clear", "accept"]),
     "claims": ("Claims", ("reporting delay", "days"),
-               ["water damage claim", "theft claim", "fire claim", "storm claim", "windscreen claim",
-                "travel claim", "liability claim", "dental claim"],
+               ["flood damage", "theft", "house fire", "storm", "broken windscreen", "trip cancellation",
+                "public liability", "dental treatment"],
                ["deny", "investigate", "refer"], ["pay", "approve"]),
     "dosage": ("Dosage", ("daily dose", "mg per kg"),
                ["amoxicillin", "ibuprofen", "paracetamol", "metformin", "warfarin", "lisinopril",
@@ -45,19 +47,20 @@ DOMAINS = {
                ["refer", "reduce", "reject"], ["dispense", "approve"]),
 }
 
-# Rule templates: the first four are for training and validation, the rest only appear in test.
-# Rule templates: the first four are for training and validation, the rest only appear in test. The
-# entity follows the anchor in every template (a heading), so a rule can be found by what it is about.
+# Rule templates: the first four are for training and validation, the rest only appear in test. Every
+# rule opens with its heading "Rule on <entity> [<id>]": the id follows the entity as it does in the
+# answer, so citing it is a copy of what follows the entity (an induction head), not a search back
+# from the entity to an id written before it.
 RULE_TEMPLATES = [
-    "[{id}] {entity}. {area} rule: if the {qty} exceeds {thr} {unit}, the decision is {above}; "
+    "Rule on {entity} [{id}]. {area}: if the {qty} exceeds {thr} {unit}, the decision is {above}; "
     "otherwise it is {below}.",
-    "[{id}] {entity} with a {qty} above {thr} {unit}: {above}. At or below {thr} {unit}: {below}.",
-    "[{id}] {entity} cases: a {qty} over {thr} {unit} means {above}, and {below} in all other cases.",
-    "[{id}] {entity}: maximum {qty} {thr} {unit}. Above it: {above}. Otherwise: {below}.",
+    "Rule on {entity} [{id}] with a {qty} above {thr} {unit}: {above}. At or below {thr} {unit}: {below}.",
+    "Rule on {entity} [{id}] cases: a {qty} over {thr} {unit} means {above}, and {below} in all other cases.",
+    "Rule on {entity} [{id}]: maximum {qty} {thr} {unit}. Above it: {above}. Otherwise: {below}.",
     # held out
-    "[{id}] {entity}. A {qty} higher than {thr} {unit} requires the decision {above}; a lower one "
+    "Rule on {entity} [{id}]. A {qty} higher than {thr} {unit} requires the decision {above}; a lower one "
     "gets {below}.",
-    "[{id}] {entity}: {area} limit {thr} {unit} of {qty}. Exceeded: {above}. Not exceeded: {below}.",
+    "Rule on {entity} [{id}]: {area} limit {thr} {unit} of {qty}. Exceeded: {above}. Not exceeded: {below}.",
 ]
 QUESTION_TEMPLATES = [
     "Case: a {entity} with a {qty} of {val} {unit}. Which rule applies, and what is the decision?",
@@ -72,11 +75,11 @@ LAST = ["Berg", "Costa", "Dahl", "Engel", "Fischer", "Garcia", "Hansen", "Ivanov
 FIELDS = ["credit score", "age", "risk score", "income band", "account age", "open loans",
           "years employed", "claims filed"]
 DOC_TEMPLATES = [
-    "[{id}] {name}, file. {F1}: {v1}. {F2}: {v2}. {F3}: {v3}.",
-    "[{id}] {name}, record: {f1} {v1}, {f2} {v2}, {f3} {v3}.",
-    "[{id}] {name}, case document: the {f1} is {v1}, the {f2} is {v2} and the {f3} is {v3}.",
+    "File of {name} [{id}]. {F1}: {v1}. {F2}: {v2}. {F3}: {v3}.",
+    "File of {name} [{id}], record: {f1} {v1}, {f2} {v2}, {f3} {v3}.",
+    "File of {name} [{id}], case document: the {f1} is {v1}, the {f2} is {v2} and the {f3} is {v3}.",
     # held out
-    "[{id}] {name}. Recorded {f1} = {v1}; {f2} = {v2}; {f3} = {v3}.",
+    "File of {name} [{id}]. Recorded {f1} = {v1}; {f2} = {v2}; {f3} = {v3}.",
 ]
 DOC_QUESTIONS = [
     "What is the {field} of {name}? Cite the document.",
@@ -169,18 +172,17 @@ def block_matches(block: Evidence, case: Case) -> bool:
 
 
 def solve(block: Evidence, case: Case) -> str:
-    """The correct answer from the target block alone: ``Case: <case>, <id>: <decision or value>``.
+    """The correct answer from the target block alone: ``Case: <case> [<id>]: <decision or value>``.
 
-    The answer first names what the case is about (copied from the question): the query that then
-    produces the id carries the entity itself (the same tokens as in the block: space-led words), so
-    finding its block is one content match (the lookup a small model learns), not a hop through the
-    question first."""
+    The answer names the case (copied from the question) and then cites the id exactly as the block's
+    heading does (``<entity> [<id>]``), so the query that writes the id sits right after the entity's
+    last word, which no other block shares: finding the block is one content match on that word."""
     if not block_matches(block, case):
         raise ValueError(f"block {block.label} is not about {case.key!r}")
     f = block.fields
     if case.family == "rule":
-        return f"Case: {case.key}, {block.label}: {f['above'] if case.value > f['thr'] else f['below']}"
-    return f"Case: {case.key}, {block.label}: {f['values'][case.field]}"
+        return f"Case: {case.key} [{block.label}]: {f['above'] if case.value > f['thr'] else f['below']}"
+    return f"Case: {case.key} [{block.label}]: {f['values'][case.field]}"
 
 
 def _templates(split: str, family: str) -> Sequence[int]:
@@ -218,7 +220,7 @@ def make_example(seed: int, split: str, index: int, min_blocks: int = 3, max_blo
         qty, unit = DOMAINS[target.fields["domain"]][1]
         question = rng.choice(QUESTION_TEMPLATES).format(entity=case.key, qty=qty, val=value, unit=unit)
     else:
-        names = rng.sample([f"{a} {b}" for a in FIRST for b in LAST], n)
+        names = [f"{rng.choice(FIRST)} {last}" for last in rng.sample(LAST, n)]  # surnames tell them apart
         fields_asked = rng.sample(FIELDS, 3)
         evidence = [
             Evidence(f"D{i}", "document", rng.choice(templates),
@@ -272,6 +274,6 @@ def encode(example: Example, tokenizer, split_kinds: Sequence[str] = ()) -> Enco
     if split_kinds:
         table = apply_layout(table, tokenizer, split_kinds)[0]
     enc = tokenizer(example.answer, add_special_tokens=False, return_offsets_mapping=True)
-    digit = example.answer.index(f", {example.target}:") + 3  # "Case: <case>, R12: …" → the "1"
+    digit = example.answer.index(f" [{example.target}]:") + 3  # "Case: <case> [R12]: …" → the "1"
     lookup = next(k for k, (a, b) in enumerate(enc["offset_mapping"]) if a <= digit < b)
     return Encoded(table, list(enc["input_ids"]) + [tokenizer.eos_token_id], table.index(example.target), lookup)

@@ -23,7 +23,7 @@ from localist.model.reference import LocalistBatch, ReferenceLM
 from localist.model.train import LAYOUT_FILE, load_layout
 
 DEFAULT_RHOS = (0.0, 0.25, 0.5, 0.75, 0.9, 1.0)
-MAX_NEW_TOKENS = 16  # answers ("home equity loan, R42: escalate" + EOS) are shorter
+MAX_NEW_TOKENS = 16  # answers ("Case: instalment plan [R42]: escalate" + EOS, 10 tokens) are shorter
 COLUMNS = ("exact_match", "pointer_fidelity", "entropy_nats", "block_entropy_nats")
 
 

@@ -25,13 +25,14 @@ def test_exactly_one_block_matches_and_it_is_the_target(split):
         matching = [e.label for e in ex.evidence if block_matches(e, ex.case)]
         assert matching == [ex.target]
         assert len({e.label for e in ex.evidence}) == len(ex.evidence) >= 3
-        assert ex.answer.startswith(f"Case: {ex.case.key}, {ex.target}: ")
+        assert ex.answer.startswith(f"Case: {ex.case.key} [{ex.target}]: ")
 
 
 def test_answer_is_read_from_the_target_block_text():
     for ex in examples(1, "train", 200):
         text = ex.target_block.text
-        assert text.startswith(f"[{ex.target}]")
+        heading = "Rule on" if ex.case.family == "rule" else "File of"
+        assert text.startswith(f"{heading} {ex.case.key} [{ex.target}]")  # the answer cites it as the heading does
         decision = ex.answer.rsplit(": ", 1)[1]
         assert decision in text  # the decision word or the file's value is written in the block
         if ex.case.family == "rule":
@@ -63,6 +64,15 @@ def test_answer_changes_with_the_target_block_and_not_with_distractors():
     assert changed == 100
 
 
+def test_the_word_before_the_id_tells_the_blocks_apart():
+    """The lookup matches the entity's (or person's) last word: no two blocks of an example share it."""
+    last_words = [e.split()[-1] for domain in DOMAINS.values() for e in domain[2]]
+    assert len(set(last_words)) == len(last_words)
+    for ex in examples(0, "train", 300):
+        keys = [e.fields["entity"] if e.kind == "rule" else e.fields["name"] for e in ex.evidence]
+        assert len({k.split()[-1] for k in keys}) == len(keys)
+
+
 def test_solve_refuses_a_block_about_something_else():
     ex = make_example(0, "train", 5)
     other = next(e for e in ex.evidence if e.label != ex.target)
@@ -92,7 +102,7 @@ def test_encoding_puts_each_evidence_block_in_its_own_candidate_block(tok):
         assert tok.decode(table.token_ids[target.start:target.end]) == ex.target_block.text + "\n"
         assert tok.decode(enc.answer_ids, skip_special_tokens=True) == ex.answer
         assert enc.answer_ids[-1] == tok.eos_token_id
-        digit = ex.answer.index(f", {ex.target}:") + 3  # the lookup token holds the cited id's first digit
+        digit = ex.answer.index(f" [{ex.target}]:") + 3  # the lookup token holds the cited id's first digit
         assert len(tok.decode(enc.answer_ids[: enc.lookup])) <= digit < len(tok.decode(enc.answer_ids[: enc.lookup + 1]))
         assert len(enc.block_ids) == len(enc.input_ids)
         rendered = tok.apply_chat_template(ex.messages(), tokenize=False, add_generation_prompt=True)
