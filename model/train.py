@@ -119,27 +119,26 @@ def candidate_entropy(stats, batch: Batch) -> torch.Tensor:
     return total / max(count, 1)
 
 
-def answer_fidelity(stats, batch: Batch, queries: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Σ π(target) and Σ candidate mass over ``queries`` ([B, T−1], default: the answer-producing
-    ones), layers and heads, per sequence."""
-    cand = batch.candidate[:, None, None, :].float()
-    tgt = F.one_hot(batch.target, batch.candidate.shape[1]).float()[:, None, None, :]
-    q = torch.zeros_like(batch.input_ids, dtype=torch.float)
-    q[:, :-1] = batch.answer if queries is None else queries
-    on_t = sum(((s.mass * tgt).sum(-1) * q[:, None, :]).sum((1, 2)) for s in stats)
-    on_c = sum(((s.mass * cand).sum(-1) * q[:, None, :]).sum((1, 2)) for s in stats)
-    return on_t, on_c
+def query_fidelity(stats, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query that predicts a token ([B, T−1]): Σ over layers and heads of π(target) and of the
+    candidate mass. Computed once a step; each pointer term and the validation weigh their queries."""
+    tgt = batch.target.view(-1, 1, 1, 1)
+    cand = batch.candidate[:, None, None, :]
+    on_t = sum(s.mass.gather(-1, tgt.expand(*s.mass.shape[:-1], 1)).squeeze(-1).sum(1) for s in stats)
+    on_c = sum((s.mass * cand).sum((1, 3)) for s in stats)
+    return on_t[:, :-1], on_c[:, :-1]
 
 
-def off_target_share(stats, batch: Batch, queries: torch.Tensor | None = None) -> torch.Tensor:
-    """1 − pointer fidelity (SPEC §3, response-level F over answer queries, layers, heads) of the
-    batch, differentiable: the evidence-directed attention of the answer that misses the target.
+def off_target_share(fidelity: tuple[torch.Tensor, torch.Tensor], queries: torch.Tensor) -> torch.Tensor:
+    """1 − pointer fidelity (SPEC §3, response-level F over ``queries`` [B, T−1], layers, heads) of
+    the batch, differentiable: the evidence-directed attention of those queries that misses the target.
 
     Ground truth of the training split only; it teaches a head that reads evidence to read the
     right block, or none (a head that cannot know the target yet, e.g. in layer 0, is free to
     attend to the question or the sink instead)."""
-    on_t, on_c = answer_fidelity(stats, batch, queries)
-    return 1.0 - on_t.sum() / on_c.sum().clamp(min=1e-6)
+    on_t, on_c = fidelity
+    q = queries.float()
+    return 1.0 - (on_t * q).sum() / (on_c * q).sum().clamp(min=1e-6)
 
 
 def sample_rho(cfg: TrainConfig, step: int, n: int) -> torch.Tensor:
@@ -263,8 +262,9 @@ class Trainer:
         nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch.input_ids[:, 1:], reduction="none")
         loss_nll = (nll * batch.weights).sum() / batch.weights.sum()
         penalty = candidate_entropy(stats, batch)
-        off_target = off_target_share(stats, batch)
-        off_lookup = off_target_share(stats, batch, batch.lookup)
+        fidelity = query_fidelity(stats, batch)
+        off_target = off_target_share(fidelity, batch.answer)
+        off_lookup = off_target_share(fidelity, batch.lookup)
         loss = (loss_nll + mu_at(cfg, self.step) * penalty + pointer_at(cfg, self.step) * off_target
                 + cfg.lookup_weight * off_lookup)
         for group in self.opt.param_groups:
@@ -318,8 +318,8 @@ class Trainer:
             target = batch.input_ids[:, 1:]
             hit = (logits[:, :-1].argmax(-1) == target) | ~batch.answer
             correct += int(hit.all(-1).sum())
-            t, c = answer_fidelity(stats, batch)
-            on_t, on_c = on_t + float(t.sum()), on_c + float(c.sum())
+            t, c = query_fidelity(stats, batch)
+            on_t, on_c = on_t + float((t * batch.answer).sum()), on_c + float((c * batch.answer).sum())
             nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), target, reduction="none")
             nll_sum.extend(((nll * batch.answer).sum(-1)).tolist())
         return {"exact_match": correct / len(encoded), "fidelity": on_t / max(on_c, 1e-12), "answer_nll": nll_sum}

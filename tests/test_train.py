@@ -11,7 +11,7 @@ from localist.model.recruitment import greedy_split, split_block, split_cost
 from localist.model.tokenizer import train_tokenizer
 from localist.model.train import (
     Batch, TrainConfig, Trainer, blocks_at, candidate_entropy, load_layout, mu_at, off_target_share, pointer_at,
-    sample_rho,
+    query_fidelity, sample_rho,
 )
 
 
@@ -153,13 +153,13 @@ def test_off_target_share_is_one_minus_answer_fidelity_and_trains_the_attention(
         lookup=torch.tensor([[False]]),
     )
     p = torch.softmax(torch.tensor([0.0, 1.0, 2.0, 0.0]), -1)
-    loss = off_target_share([stats], batch)
+    loss = off_target_share(query_fidelity([stats], batch), batch.answer)
     assert loss.item() == pytest.approx(float(p[2] / (p[1] + p[2])))
     loss.backward(retain_graph=True)
     assert log_mass.grad[0, 1] < 0 < log_mass.grad[0, 2]  # towards the target, away from the distractor
     assert torch.all(log_mass.grad[1] == 0)  # the query that does not answer is not scored
     log_mass.grad = None
-    off_target_share([stats], batch, batch.lookup).backward()
+    off_target_share(query_fidelity([stats], batch), batch.lookup).backward()
     assert torch.all(log_mass.grad == 0)  # the lookup term scores only the query that cites the id
     cfg = tiny("/tmp/unused", steps=100, pointer_weight=0.5, mu_ramp=(0.2, 0.4))
     assert pointer_at(cfg, 0) == 0.0 and pointer_at(cfg, 40) == 0.5  # ramps in with μ
