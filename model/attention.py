@@ -27,12 +27,15 @@ class BlockStats:
 
     ``log_mass`` is L (−inf where the block has no visible key), ``mass`` is π^ρ (what the query
     actually put on the block) and ``inner_entropy`` is H(w_g), the entropy inside the block in nats
-    (0 for absent blocks). Metrics and theory are computed from these alone.
+    (0 for absent blocks). Metrics and theory are computed from these alone. ``token_weights``
+    [P, H] holds the final weights of the (row, query, key) triples a caller probed, if any:
+    training's readout term supervises single tokens, which block masses cannot express.
     """
 
     log_mass: Tensor
     mass: Tensor
     inner_entropy: Tensor
+    token_weights: Tensor | None = None
 
 
 def dial_mass(log_mass: Tensor, rho: Tensor | float, pinned: Tensor, base: Tensor | None = None) -> Tensor:
@@ -151,12 +154,14 @@ def localist_attention(
     pinned: Tensor,
     scale: float,
     key_visible: Tensor | None = None,
+    probe: Tensor | None = None,
 ) -> tuple[Tensor, BlockStats]:
     """One-pass localist attention (SPEC §2) with its block statistics.
 
     query [B, H, Tq, D]; key/value [B, Hkv, Tk, D] (grouped-query heads are repeated);
     block_ids [B, Tk] (−1 marks padding); rho [B] or [B, Tq] (or a float); pinned [B, G] bool.
     Causal: query i sees keys j ≤ Tk − Tq + i, unless ``key_visible`` [B, Tq, Tk] says otherwise.
+    ``probe`` [P, 3] (row, query, key) selects weights to return in ``BlockStats.token_weights``.
     The scores are exponentiated once (the stock softmax); block masses come from an indicator
     matmul and the stock weights are re-weighted per block by π^ρ/π⁰, so within-block weights
     never change and ρ = 0 is the stock computation exactly.
@@ -199,4 +204,5 @@ def localist_attention(
     ratio = torch.where(present, mass / safe_base, 0.0)
     probs = base_probs * torch.matmul(ratio, onehot.transpose(-1, -2))
     out = torch.matmul(probs.to(value.dtype), value)
-    return out, BlockStats(log_mass=log_mass, mass=mass, inner_entropy=inner_entropy.clamp(min=0.0))
+    probed = None if probe is None else probs[probe[:, 0], :, probe[:, 1], probe[:, 2]]
+    return out, BlockStats(log_mass, mass, inner_entropy.clamp(min=0.0), probed)

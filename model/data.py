@@ -254,6 +254,7 @@ class Encoded:
     answer_ids: list[int]  # answer tokens, EOS included
     target_block: int
     lookup: int = -1  # answer token holding the cited id's first digit: the one that needs the lookup
+    copies: list[tuple[int, int]] = field(default_factory=list)  # (answer token, its source in the prompt)
 
     @property
     def input_ids(self) -> list[int]:
@@ -276,4 +277,26 @@ def encode(example: Example, tokenizer, split_kinds: Sequence[str] = ()) -> Enco
     enc = tokenizer(example.answer, add_special_tokens=False, return_offsets_mapping=True)
     digit = example.answer.index(f" [{example.target}]:") + 3  # "Case: <case> [R12]: …" → the "1"
     lookup = next(k for k, (a, b) in enumerate(enc["offset_mapping"]) if a <= digit < b)
-    return Encoded(table, list(enc["input_ids"]) + [tokenizer.eos_token_id], table.index(example.target), lookup)
+    target = table.index(example.target)
+    copies = copy_sources(example, table, target, enc["input_ids"], enc["offset_mapping"])
+    return Encoded(table, list(enc["input_ids"]) + [tokenizer.eos_token_id], target, lookup, copies)
+
+
+def copy_sources(example: Example, table, target: int, answer_ids, offsets) -> list[tuple[int, int]]:
+    """(answer token, prompt position) pairs for the answer tokens that are read off the target block.
+
+    The cited id's digits come from the block's heading (their first occurrence in the block) and
+    the outcome or value from its body (their last occurrence: a value equal to the id's digits is
+    still the field's). They are the attention targets of the token-level readout term in training.
+    """
+    digit = example.answer.index(f" [{example.target}]:") + 3
+    result = example.answer.index("]: ") + 3
+    block = table.blocks[target]
+    body = table.token_ids[block.start:block.end]
+    pairs = []
+    for k, ((a, b), token) in enumerate(zip(offsets, answer_ids)):
+        in_id, in_result = a < digit + len(example.target) - 1 and b > digit, b > result
+        hits = [j for j, t in enumerate(body) if t == token]
+        if hits and (in_id or in_result):
+            pairs.append((k, block.start + (hits[0] if in_id else hits[-1])))
+    return pairs

@@ -28,12 +28,14 @@ class LocalistBatch:
     """Per-forward localist inputs; the attention function fills ``stats`` per layer.
 
     ``block_ids`` [B, Tk] covers every key position seen so far (−1 marks padding), ``pinned``
-    [B, G], ``rho`` [B, num_layers].
+    [B, G], ``rho`` [B, num_layers]; ``probe`` [P, 3] (row, query, key) asks every layer for those
+    attention weights (training's readout term).
     """
 
     block_ids: Tensor
     pinned: Tensor
     rho: Tensor
+    probe: Tensor | None = None
     stats: dict[int, BlockStats] = field(default_factory=dict)
 
     @classmethod
@@ -64,7 +66,7 @@ def localist_attention_forward(module, query, key, value, attention_mask, scalin
     Tk = key.shape[-2]
     out, stats = localist_attention(
         query, key, value, localist.block_ids[:, :Tk].to(query.device), localist.rho[:, module.layer_idx].to(query.device),
-        localist.pinned.to(query.device), scaling,
+        localist.pinned.to(query.device), scaling, probe=localist.probe,
     )
     localist.stats[module.layer_idx] = stats
     return out.transpose(1, 2).contiguous(), None

@@ -18,7 +18,7 @@ import json
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +56,7 @@ class Batch:
     weights: torch.Tensor  # [B, T−1] next-token loss weights
     answer: torch.Tensor  # [B, T−1] bool: position t predicts an answer token
     lookup: torch.Tensor  # [B, T−1] bool: position t predicts the cited id (Encoded.lookup)
+    copies: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 3, dtype=torch.long))  # [P, 3] (row, query, source)
 
     def to(self, device: str) -> Batch:
         return Batch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
@@ -85,13 +86,15 @@ def collate(encoded: Sequence[Encoded], pad_id: int, prompt_weight: float) -> Ba
         if e.lookup >= 0:
             lookup[row, p - 1 + e.lookup] = True
     target = torch.tensor([e.target_block for e in encoded])
-    return Batch(input_ids, block_ids, pinned, candidate, target, weights, answer, lookup)
+    copies = torch.tensor([(row, len(e.table.token_ids) - 1 + k, src) for row, e in enumerate(encoded)
+                           for k, src in e.copies], dtype=torch.long).view(-1, 3)
+    return Batch(input_ids, block_ids, pinned, candidate, target, weights, answer, lookup, copies)
 
 
 def forward(model: PreTrainedModel, batch: Batch, rho: torch.Tensor):
     """Logits and per-layer BlockStats with one ρ per sequence for every layer."""
     L = model.config.num_hidden_layers
-    lb = LocalistBatch(batch.block_ids, batch.pinned, rho.view(-1, 1).expand(-1, L).contiguous())
+    lb = LocalistBatch(batch.block_ids, batch.pinned, rho.view(-1, 1).expand(-1, L).contiguous(), batch.copies)
     logits = model(input_ids=batch.input_ids, localist=lb, use_cache=False).logits
     return logits.float(), [lb.stats[i] for i in range(L)]
 
@@ -139,6 +142,17 @@ def off_target_share(fidelity: tuple[torch.Tensor, torch.Tensor], queries: torch
     on_t, on_c = fidelity
     q = queries.float()
     return 1.0 - (on_t * q).sum() / (on_c * q).sum().clamp(min=1e-6)
+
+
+def readout_miss(stats, batch: Batch) -> torch.Tensor:
+    """Mean over the answer tokens read off the target block (``Encoded.copies``) of −ln the best
+    head's weight, over all layers, on the token's source: the id in the heading, the outcome or
+    value in the body. Block-level terms put a head on the right block; reading it needs the head on
+    the one token that carries what the answer copies, and only per-token weights can ask for that."""
+    if batch.copies.shape[0] == 0:
+        return torch.zeros((), device=batch.input_ids.device)
+    best = torch.stack([s.token_weights for s in stats], 1).flatten(1).amax(1)  # [P] over layers × heads
+    return -best.clamp(min=1e-9).log().mean()
 
 
 def sample_rho(cfg: TrainConfig, step: int, n: int) -> torch.Tensor:
@@ -265,8 +279,9 @@ class Trainer:
         fidelity = query_fidelity(stats, batch)
         off_target = off_target_share(fidelity, batch.answer)
         off_lookup = off_target_share(fidelity, batch.lookup)
+        readout = readout_miss(stats, batch)
         loss = (loss_nll + mu_at(cfg, self.step) * penalty + pointer_at(cfg, self.step) * off_target
-                + cfg.lookup_weight * off_lookup)
+                + cfg.lookup_weight * off_lookup + cfg.readout_weight * readout)
         for group in self.opt.param_groups:
             group["lr"] = lr_at(cfg, self.step)
         self.opt.zero_grad(set_to_none=True)
@@ -276,7 +291,8 @@ class Trainer:
         self.step += 1
         answer_nll = (nll * batch.answer).sum() / batch.answer.sum()
         return {"step": self.step, "loss": loss.item(), "nll": loss_nll.item(), "answer_nll": answer_nll.item(),
-                "penalty": penalty.item(), "off_target": off_target.item(), "off_lookup": off_lookup.item(), "mu": mu_at(cfg, self.step - 1),
+                "penalty": penalty.item(), "off_target": off_target.item(), "off_lookup": off_lookup.item(),
+                "readout": readout.item(), "mu": mu_at(cfg, self.step - 1),
                 "nu": pointer_at(cfg, self.step - 1), "grad_norm": grad_norm.item(), "lr": lr_at(cfg, self.step - 1)}
 
     def run(self) -> Path:
@@ -309,27 +325,30 @@ class Trainer:
     # -- validation and recruitment -----------------------------------------------------------------
     @torch.no_grad()
     def teacher_forced(self, encoded: Sequence[Encoded], rho: float) -> dict:
-        """Exact match (every answer token, EOS included, is the argmax) and answer-token fidelity."""
+        """Exact match (every answer token, EOS included, is the argmax), the cited id alone (the
+        argmax at the lookup query) and answer-token fidelity."""
         self.model.eval()
-        correct, on_t, on_c, nll_sum = 0, 0.0, 0.0, []
+        correct, ids, on_t, on_c, nll_sum = 0, 0, 0.0, 0.0, []
         for i in range(0, len(encoded), 32):
             batch = self.collate(encoded[i : i + 32])
             logits, stats = forward(self.model, batch, torch.full((batch.input_ids.shape[0],), rho, device=self.cfg.device))
             target = batch.input_ids[:, 1:]
             hit = (logits[:, :-1].argmax(-1) == target) | ~batch.answer
             correct += int(hit.all(-1).sum())
+            ids += int((hit & batch.lookup).sum())
             t, c = query_fidelity(stats, batch)
             on_t, on_c = on_t + float((t * batch.answer).sum()), on_c + float((c * batch.answer).sum())
             nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), target, reduction="none")
             nll_sum.extend(((nll * batch.answer).sum(-1)).tolist())
-        return {"exact_match": correct / len(encoded), "fidelity": on_t / max(on_c, 1e-12), "answer_nll": nll_sum}
+        return {"exact_match": correct / len(encoded), "id_accuracy": ids / len(encoded),
+                "fidelity": on_t / max(on_c, 1e-12), "answer_nll": nll_sum}
 
     def validate(self) -> dict:
         encoded = [encode(e, self.tokenizer, self.split_kinds) for e in self.validation]
         out = {}
         for rho in (0.0, 0.9):
             r = self.teacher_forced(encoded, rho)
-            out[f"rho={rho}"] = {"exact_match": round(r["exact_match"], 4), "fidelity": round(r["fidelity"], 4)}
+            out[f"rho={rho}"] = {k: round(r[k], 4) for k in ("exact_match", "id_accuracy", "fidelity")}
         return out
 
     def recruit(self) -> None:

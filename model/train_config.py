@@ -18,6 +18,7 @@ class TrainConfig:
     mu_ramp: tuple = (0.5, 0.75)  # μ grows linearly between these fractions of training (0 before)
     pointer_weight: float = 0.0  # ν: weight of the off-target evidence share of the answer queries (ramps as μ)
     lookup_weight: float = 0.0  # κ: the same off-target share at the one query that cites the id (no ramp)
+    readout_weight: float = 0.0  # τ: −ln of the best head's weight on each copied answer token's source (no ramp)
     init_from: str = ""  # start from this exported model (weights and tokenizer): a second training stage
     curriculum: float = 0.3  # over this fraction of training the block count grows from 2 to max_blocks
     rho_max: float = 0.95  # ρ ~ U(0, rho_max), or exactly 0 with probability rho_zero_share
@@ -48,6 +49,7 @@ class TrainConfig:
         checks = {
             "steps": self.steps >= 1, "stop_at": 0 <= self.stop_at <= self.steps, "batch_size": self.batch_size >= 1, "lr": self.lr > 0,
             "mu": self.mu >= 0, "pointer_weight": self.pointer_weight >= 0, "lookup_weight": self.lookup_weight >= 0,
+            "readout_weight": self.readout_weight >= 0,
             "curriculum": 0 <= self.curriculum <= 1,
             "mu_ramp": _is_ramp(self.mu_ramp), "rho_ramp": _is_ramp(self.rho_ramp),
             "rho_max": 0 <= self.rho_max < 1, "rho_zero_share": 0 <= self.rho_zero_share <= 1,

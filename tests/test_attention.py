@@ -257,6 +257,18 @@ def test_gradients_finite_for_training(rho):
         assert t.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("rho", [0.0, 0.6, 1.0])
+def test_probed_token_weights_are_the_final_weights(rho):
+    q, k, _, block_ids, pinned = make_case(5)
+    Tq, Tk = q.shape[2], k.shape[2]
+    probe = torch.tensor([[b, i, j] for b in range(2) for i in range(Tq) for j in range(Tk)])
+    B, Hkv = k.shape[:2]
+    eye = torch.eye(Tk).expand(B, Hkv, Tk, Tk).contiguous()
+    probs, stats = localist_attention(q, k, eye, block_ids, rho, pinned, 0.5, probe=probe)
+    assert torch.equal(stats.token_weights, probs[probe[:, 0], :, probe[:, 1], probe[:, 2]])
+    assert stats.token_weights.shape == (len(probe), q.shape[1])
+
+
 def test_dial_mass_with_every_block_absent_is_zero():
     L = torch.full((2, 3), float("-inf"))
     mass = dial_mass(L, torch.tensor([0.5, 1.0]), torch.tensor([True, False, False]))

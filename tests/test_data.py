@@ -105,5 +105,15 @@ def test_encoding_puts_each_evidence_block_in_its_own_candidate_block(tok):
         digit = ex.answer.index(f" [{ex.target}]:") + 3  # the lookup token holds the cited id's first digit
         assert len(tok.decode(enc.answer_ids[: enc.lookup])) <= digit < len(tok.decode(enc.answer_ids[: enc.lookup + 1]))
         assert len(enc.block_ids) == len(enc.input_ids)
+        assert enc.copies[0][0] == enc.lookup  # read off the target block: the id's tokens, then the result's
+        result = []
+        for k, src in enc.copies:
+            assert target.start <= src < target.end and table.token_ids[src] == enc.answer_ids[k]
+            cited = tok.decode(enc.answer_ids[: k + 1])
+            if "]: " in cited:
+                result.append(enc.answer_ids[k])
+            else:  # an id token: copied from the block's heading ("… <case> [R1" ends both)
+                assert tok.decode(table.token_ids[target.start : src + 1]).endswith(cited.removeprefix("Case:"))
+        assert tok.decode(result).strip() == ex.answer.split("]: ")[1]
         rendered = tok.apply_chat_template(ex.messages(), tokenize=False, add_generation_prompt=True)
         assert tok.decode(table.token_ids) == rendered

@@ -7,11 +7,12 @@ import torch
 
 from localist.model.attention import BlockStats
 from localist.model.blocks import Block, BlockTable
+from localist.model.data import encode, examples
 from localist.model.recruitment import greedy_split, split_block, split_cost
 from localist.model.tokenizer import train_tokenizer
 from localist.model.train import (
     Batch, TrainConfig, Trainer, blocks_at, candidate_entropy, load_layout, mu_at, off_target_share, pointer_at,
-    query_fidelity, sample_rho,
+    collate, query_fidelity, readout_miss, sample_rho,
 )
 
 
@@ -28,7 +29,7 @@ def tiny(out, **kw):
 def run(tmp_path_factory):
     torch.set_num_threads(2)
     out = tmp_path_factory.mktemp("run")
-    Trainer(tiny(out)).run()
+    Trainer(tiny(out, readout_weight=0.5)).run()
     return out
 
 
@@ -39,6 +40,7 @@ def test_loss_falls_and_everything_is_logged(run):
     last = sum(r["nll"] for r in log[-5:]) / 5
     assert last < first - 0.5, (first, last)
     assert log[0]["mu"] == 0.0 and log[-1]["mu"] == 0.25  # the penalty ramps in
+    assert all(r["readout"] > 0 for r in log)  # −ln of a weight on one token, over every copied answer token
     assert "validation" in log[11] and "rho=0.9" in log[11]["validation"]
 
 
@@ -163,6 +165,27 @@ def test_off_target_share_is_one_minus_answer_fidelity_and_trains_the_attention(
     assert torch.all(log_mass.grad == 0)  # the lookup term scores only the query that cites the id
     cfg = tiny("/tmp/unused", steps=100, pointer_weight=0.5, mu_ramp=(0.2, 0.4))
     assert pointer_at(cfg, 0) == 0.0 and pointer_at(cfg, 40) == 0.5  # ramps in with μ
+
+
+def test_readout_term_trains_the_best_head_on_each_copied_token(run):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(run)
+    encoded = [encode(e, tok) for e in examples(0, "train", 4)]
+    batch = collate(encoded, tok.pad_token_id, 0.2)
+    rows, queries, sources = batch.copies.T
+    assert torch.equal(batch.input_ids[rows, queries + 1], batch.input_ids[rows, sources])  # query predicts its copy
+    assert bool(batch.answer[rows, queries].all())
+    weights = torch.tensor([[0.1, 0.5], [0.9, 0.2]], requires_grad=True)  # [P, H] of one layer
+    other = torch.full((2, 2), 0.05)  # a second layer that never leads
+    stats = [BlockStats(*(torch.zeros(1),) * 3, token_weights=w) for w in (weights, other)]
+    pairs = Batch(*(getattr(batch, f) for f in ("input_ids", "block_ids", "pinned", "candidate", "target",
+                                                  "weights", "answer", "lookup")), copies=torch.zeros(2, 3, dtype=torch.long))
+    loss = readout_miss(stats, pairs)
+    assert loss.item() == pytest.approx(-(math.log(0.5) + math.log(0.9)) / 2)
+    loss.backward()
+    assert weights.grad[0, 1] < 0 and weights.grad[1, 0] < 0  # more weight on the source lowers the loss
+    assert weights.grad[0, 0] == 0 and weights.grad[1, 1] == 0  # only the best head of each pair is trained
 
 
 def test_second_stage_starts_from_an_exported_model_and_stops_where_told(run, tmp_path):
