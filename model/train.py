@@ -145,14 +145,14 @@ def off_target_share(fidelity: tuple[torch.Tensor, torch.Tensor], queries: torch
 
 
 def readout_miss(stats, batch: Batch) -> torch.Tensor:
-    """Mean over the answer tokens read off the target block (``Encoded.copies``) of −ln the best
-    head's weight, over all layers, on the token's source: the id in the heading, the outcome or
-    value in the body. Block-level terms put a head on the right block; reading it needs the head on
-    the one token that carries what the answer copies, and only per-token weights can ask for that."""
+    """Mean over the answer tokens read off the target block (``Encoded.copies``) of −ln the weight
+    that one designated head, the last layer's first, puts on the token's source: the id in the
+    heading, the outcome or value in the body. Block-level terms put heads on the right block;
+    reading it needs a head on the one token that carries what the answer copies. One head, not the
+    best of all: a best-of-heads target is met by heads that each sit on a different block's id."""
     if batch.copies.shape[0] == 0:
         return torch.zeros((), device=batch.input_ids.device)
-    best = torch.stack([s.token_weights for s in stats], 1).flatten(1).amax(1)  # [P] over layers × heads
-    return -best.clamp(min=1e-9).log().mean()
+    return -stats[-1].token_weights[:, 0].clamp(min=1e-9).log().mean()
 
 
 def sample_rho(cfg: TrainConfig, step: int, n: int) -> torch.Tensor:

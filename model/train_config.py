@@ -18,7 +18,7 @@ class TrainConfig:
     mu_ramp: tuple = (0.5, 0.75)  # μ grows linearly between these fractions of training (0 before)
     pointer_weight: float = 0.0  # ν: weight of the off-target evidence share of the answer queries (ramps as μ)
     lookup_weight: float = 0.0  # κ: the same off-target share at the one query that cites the id (no ramp)
-    readout_weight: float = 0.0  # τ: −ln of the best head's weight on each copied answer token's source (no ramp)
+    readout_weight: float = 0.0  # τ: −ln of the last layer's head 0 weight on each copied answer token's source
     init_from: str = ""  # start from this exported model (weights and tokenizer): a second training stage
     curriculum: float = 0.3  # over this fraction of training the block count grows from 2 to max_blocks
     rho_max: float = 0.95  # ρ ~ U(0, rho_max), or exactly 0 with probability rho_zero_share

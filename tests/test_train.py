@@ -167,7 +167,7 @@ def test_off_target_share_is_one_minus_answer_fidelity_and_trains_the_attention(
     assert pointer_at(cfg, 0) == 0.0 and pointer_at(cfg, 40) == 0.5  # ramps in with μ
 
 
-def test_readout_term_trains_the_best_head_on_each_copied_token(run):
+def test_readout_term_trains_one_head_on_each_copied_token(run):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(run)
@@ -176,16 +176,16 @@ def test_readout_term_trains_the_best_head_on_each_copied_token(run):
     rows, queries, sources = batch.copies.T
     assert torch.equal(batch.input_ids[rows, queries + 1], batch.input_ids[rows, sources])  # query predicts its copy
     assert bool(batch.answer[rows, queries].all())
-    weights = torch.tensor([[0.1, 0.5], [0.9, 0.2]], requires_grad=True)  # [P, H] of one layer
-    other = torch.full((2, 2), 0.05)  # a second layer that never leads
-    stats = [BlockStats(*(torch.zeros(1),) * 3, token_weights=w) for w in (weights, other)]
+    weights = torch.tensor([[0.1, 0.5], [0.9, 0.2]], requires_grad=True)  # [P, H] of the last layer
+    earlier = torch.ones(2, 2, requires_grad=True)  # an earlier layer's heads on the sources do not count
+    stats = [BlockStats(*(torch.zeros(1),) * 3, token_weights=w) for w in (earlier, weights)]
     pairs = Batch(*(getattr(batch, f) for f in ("input_ids", "block_ids", "pinned", "candidate", "target",
                                                   "weights", "answer", "lookup")), copies=torch.zeros(2, 3, dtype=torch.long))
     loss = readout_miss(stats, pairs)
-    assert loss.item() == pytest.approx(-(math.log(0.5) + math.log(0.9)) / 2)
+    assert loss.item() == pytest.approx(-(math.log(0.1) + math.log(0.9)) / 2)
     loss.backward()
-    assert weights.grad[0, 1] < 0 and weights.grad[1, 0] < 0  # more weight on the source lowers the loss
-    assert weights.grad[0, 0] == 0 and weights.grad[1, 1] == 0  # only the best head of each pair is trained
+    assert bool((weights.grad[:, 0] < 0).all())  # more weight on the source lowers the loss
+    assert bool((weights.grad[:, 1] == 0).all()) and earlier.grad is None  # only the designated head is trained
 
 
 def test_second_stage_starts_from_an_exported_model_and_stops_where_told(run, tmp_path):
