@@ -1,7 +1,8 @@
 """The default model's results table over the dial (issue 6), regenerated from shipped weights.
 
 For every test example and dial value: greedy generation with the reference localist model, exact
-match against the generator's answer, and the product's own metrics (SPEC §3, via
+match against the generator's answer, whether the answer cites the target block's id (the pointer
+alone, whatever outcome follows), and the product's own metrics (SPEC §3, via
 :mod:`localist.model.metrics`) with the ground-truth target block — pointer fidelity and attention
 entropy. The μ = 0 twin, when present, gets the same rows, so the penalty's effect is measured.
 """
@@ -24,7 +25,7 @@ from localist.model.train import LAYOUT_FILE, load_layout
 
 DEFAULT_RHOS = (0.0, 0.25, 0.5, 0.75, 0.9, 1.0)
 MAX_NEW_TOKENS = 16  # answers ("Case: instalment plan [R42]: escalate" + EOS, 10 tokens) are shorter
-COLUMNS = ("exact_match", "pointer_fidelity", "entropy_nats", "block_entropy_nats")
+COLUMNS = ("exact_match", "cited_id", "pointer_fidelity", "entropy_nats", "block_entropy_nats")
 
 
 @torch.no_grad()
@@ -83,7 +84,9 @@ def evaluate_model(path: str | Path, rhos: Sequence[float], split: str, count: i
         for rho, (tokens, stats) in zip(rhos, generate_over_dial(lm, enc.table, rhos, MAX_NEW_TOKENS)):
             text = lm.tokenizer.decode(tokens, skip_special_tokens=True).strip()
             m = metrics_for_table(stats, enc.table, target=enc.target_block, rho=rho)
-            values = {"exact_match": float(text == ex.answer), "pointer_fidelity": m.pointer_fidelity,
+            # the citation alone: the answer names the target's id (the pointer), right or wrong outcome
+            values = {"exact_match": float(text == ex.answer), "cited_id": float(f" [{ex.target}]:" in text),
+                      "pointer_fidelity": m.pointer_fidelity,
                       "entropy_nats": m.entropy_nats, "block_entropy_nats": m.block_entropy_nats}
             for k, v in values.items():
                 if v is not None and not math.isnan(v):
@@ -133,16 +136,16 @@ def compare_tables(expected: dict, actual: dict, tolerance: float = 0.02) -> lis
 
 
 def format_table(table: dict) -> str:
-    """Markdown rows: model / μ / ρ / exact match / fidelity / entropy (nats)."""
-    lines = ["| model | μ | ρ | exact match | pointer fidelity | entropy H(a) nats | block entropy H(π) nats |",
-             "|---|---|---|---|---|---|---|"]
+    """Markdown rows: model / μ / ρ / exact match / cited id / fidelity / entropy (nats)."""
+    lines = ["| model | μ | ρ | exact match | cited id | pointer fidelity | entropy H(a) nats | block entropy H(π) nats |",
+             "|---|---|---|---|---|---|---|---|"]
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     for which in ("model", "twin"):
         if which not in table:
             continue
         t = table[which]
         for row in t["rows"]:
-            lines.append(f"| {t['model']} | {t['mu']} | {row['rho']} | {fmt(row['exact_match'])} | "
+            lines.append(f"| {t['model']} | {t['mu']} | {row['rho']} | {fmt(row['exact_match'])} | {fmt(row['cited_id'])} | "
                          f"{fmt(row['pointer_fidelity'])} | {fmt(row['entropy_nats'])} | "
                          f"{fmt(row['block_entropy_nats'])} |")
     return "\n".join(lines)
