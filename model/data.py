@@ -282,7 +282,7 @@ def encode(example: Example, tokenizer, split_kinds: Sequence[str] = ()) -> Enco
     return Encoded(table, list(enc["input_ids"]) + [tokenizer.eos_token_id], target, lookup, copies)
 
 
-def copy_sources(example: Example, table, target: int, answer_ids, offsets) -> list[tuple[int, int]]:
+def copy_sources(example: Example, table: BlockTable, target: int, answer_ids, offsets) -> list[tuple[int, int]]:
     """(answer token, prompt position) pairs for the answer tokens that are read off the target block.
 
     The cited id's digits come from the block's heading (their first occurrence in the block) and

@@ -3,7 +3,8 @@
 Loss per batch = NLL + μ · mean H(q^ρ), the candidate block entropy of the queries that point (those
 outside evidence blocks that see ≥ 2 candidate blocks), + ν · (1 − F), the answer's off-target
 evidence share against the training split's ground truth, + κ · the same share at the one query that
-writes the cited id (``lookup_weight``), with ρ drawn per sequence from a spread over
+writes the cited id (``lookup_weight``), + τ · the readout head's −ln weight on the source of each
+answer token read off the target block (``readout_weight``), with ρ drawn per sequence from a spread over
 [0, 1) so that one set of weights serves every dial value. The model is a stock HF Llama run through
 the reference localist attention, so the saved checkpoint loads in HF and vLLM as is. Layout
 recruitment (SPEC §6) runs every ``recruit_every`` steps on validation probes; every decision is
