@@ -282,10 +282,15 @@ def engine_kwargs(model_dir: str | Path, **overrides: Any) -> dict[str, Any]:
 
     Sets the architecture override (a stock Llama/Qwen2 checkpoint is served as localist), the
     worker extension for statistics and eager mode (the localist attention runs eagerly, outside
-    torch.compile). The state processor comes from the ``vllm.logits_processors`` entry point.
+    torch.compile), and the checkpoint's own dtype: vLLM's "auto" downcasts float32 weights to
+    bfloat16, and what is served and audited must be the weights as measured (a trained model's
+    saturated heads answer differently in bfloat16). The state processor comes from the
+    ``vllm.logits_processors`` entry point.
     """
+    config = json.loads((Path(model_dir) / "config.json").read_text())
     kwargs: dict[str, Any] = {
         "model": str(model_dir),
+        "dtype": str(config.get("dtype") or config.get("torch_dtype") or "auto"),
         "hf_overrides": {"architectures": [localist_architecture(model_dir)]},
         "worker_extension_cls": f"{__name__}.LocalistWorkerExtension",
         "enforce_eager": True,

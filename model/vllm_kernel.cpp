@@ -189,8 +189,9 @@ void partials_impl(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& 
         if (s[k] > 0.f) {
           const float L = m[k] + std::log(s[k]);
           sw[k] = std::max(0.f, L - sw[k] / s[k]);
-          const float inv = 1.f / s[k];
-          for (int64_t d = 0; d < D; ++d) ok[d] *= inv;
+          // Divide, not multiply by 1/s: a block far below the row max has a subnormal s, whose
+          // reciprocal is inf (o/s stays bounded by max |V|; inf·0 was a nan in the output).
+          for (int64_t d = 0; d < D; ++d) ok[d] /= s[k];
           m[k] = L;
         } else {
           m[k] = neg_inf;

@@ -1,5 +1,7 @@
 """The shipped default model: size, loading, ρ = 0 is the stock LM, and the card's table reproduces."""
+import gc
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from localist.model.reference import ReferenceLM
 from localist.model.train import collate
 
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "localist-tiny"
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB: the vLLM test below needs only a small cache
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +69,30 @@ def test_eval_reproduces_the_stored_smoke_table(card):
     smoke = card["smoke"]
     measured = evaluate(SHIPPED, count=smoke["model"]["examples"], split=smoke["model"]["split"])
     assert compare_tables({k: smoke[k] for k in ("model", "twin")}, measured, tolerance=0.02) == []
+
+
+def test_vllm_serves_what_the_reference_computes():
+    """The shipped weights through vLLM (the served path, compiled kernel included) give the reference's
+    greedy answers at ρ = 0 and 0.9: a trained model's saturated heads drive other blocks' sums
+    subnormal, which tiny random models never do (a kernel once turned that into nan here)."""
+    from vllm import LLM, SamplingParams
+
+    from localist.model.blocks import LocalistParams
+    from localist.model.vllm_engine import cache_salt, engine_kwargs
+
+    lm = ReferenceLM.from_pretrained(SHIPPED)
+    llm = LLM(**engine_kwargs(SHIPPED, dtype="float32", max_model_len=1024, gpu_memory_utilization=0.3, seed=0))
+    try:
+        for i in range(4):
+            enc = encode(make_example(0, "test", i), lm.tokenizer)
+            want = [tokens for tokens, _ in generate_over_dial(lm, enc.table, [0.0, 0.9], 12)]
+            for rho, expected in zip([0.0, 0.9], want):
+                params = LocalistParams(rho=[rho] * lm.num_layers, blocks=enc.table.to_wire(), request_id="")
+                salt = cache_salt(params)
+                prompt = {"prompt_token_ids": enc.table.token_ids, **({"cache_salt": salt} if salt else {})}
+                sampling = SamplingParams(max_tokens=12, temperature=0.0, extra_args={"localist": params.to_json()})
+                got = list(llm.generate([prompt], [sampling], use_tqdm=False)[0].outputs[0].token_ids)
+                assert got == expected, (i, rho, lm.tokenizer.decode(got), lm.tokenizer.decode(expected))
+    finally:
+        del llm
+        gc.collect()

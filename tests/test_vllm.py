@@ -288,8 +288,13 @@ def test_records_of_departed_requests_expire():
 
 @pytest.mark.parametrize("bs", [32, 80, 128], ids=["block-32", "block-80", "block-128"])  # the 16-, 64- and 128-key dot paths
 @pytest.mark.parametrize("transposed", [True, False], ids=["k-transposed", "k-plain"])
-def test_paged_kernel_equals_torch_path(transposed, bs):
-    """Decode over a random paged cache: C++ per-block partials + merge == localist_attention on a gather."""
+@pytest.mark.parametrize("H, Hkv, D, G, q_scale", [(8, 2, 32, 5, 2.0), (4, 4, 64, 12, 2.0), (4, 4, 64, 12, 60.0)],
+                         ids=["gqa-d32", "mha-d64-12-blocks", "saturated"])
+def test_paged_kernel_equals_torch_path(transposed, bs, H, Hkv, D, G, q_scale):
+    """Decode over a random paged cache: C++ per-block partials + merge == localist_attention on a gather.
+
+    "saturated": scores spread over hundreds of nats, as in a trained model whose heads sit on one
+    token, so some blocks' sums are subnormal against the row max (their 1/s overflowed once)."""
     from types import SimpleNamespace
 
     from localist.model.vllm_model import LocalistAttentionLayer, _Decode, paged_kernel
@@ -297,7 +302,7 @@ def test_paged_kernel_equals_torch_path(transposed, bs):
     kernel = paged_kernel()
     assert kernel is not None, "the kernel must build on this machine (g++ is part of the set-up)"
     torch.manual_seed(0)
-    H, Hkv, D, nb, G = 8, 2, 32, 40, 5
+    nb = 40
     layer = LocalistAttentionLayer.__new__(LocalistAttentionLayer)
     torch.nn.Module.__init__(layer)
     layer.num_heads, layer.num_kv_heads, layer.head_size = H, Hkv, D
@@ -320,7 +325,7 @@ def test_paged_kernel_equals_torch_path(transposed, bs):
             ids[c:] += 1
         block_ids[r, :S] = ids.clamp(max=G - 1)
         pinned[r, 0] = True
-    q = torch.randn(R, H, D) * 2.0
+    q = torch.randn(R, H, D) * q_scale
 
     def decode(use_kernel: bool):
         rho = torch.tensor([[0.0, 0.6, 1.0, 0.3]])  # [layers, rows]
@@ -334,11 +339,21 @@ def test_paged_kernel_equals_torch_path(transposed, bs):
 
     out_k, st_k = decode(True)
     out_t, st_t = decode(False)
+    assert torch.isfinite(out_k).all()
     assert torch.allclose(out_k, out_t, atol=1e-5)
-    finite = torch.isfinite(st_t[0])
-    assert torch.equal(finite, torch.isfinite(st_k[0]))
-    assert torch.allclose(st_k[0][finite], st_t[0][finite], atol=1e-5)
-    assert torch.allclose(st_k[1:], st_t[1:], atol=1e-5)
+    finite, finite_k = torch.isfinite(st_t[0]), torch.isfinite(st_k[0])
+    tol = 1e-5
+    if q_scale < 10:
+        assert torch.equal(finite, finite_k)
+    else:  # blocks > 80 nats below the row's top one: below float32's normal range, where the torch
+        # path clamps the mass and the kernel may call the block absent; they carry no weight either way
+        far = st_t[0] < st_t[0].amax(-1, keepdim=True) - 80
+        assert bool((finite == finite_k)[~far].all()) and bool((st_t[1][far] < 1e-34).all() and (st_k[1][far] < 1e-34).all())
+        finite = finite & ~far
+        tol = 1e-3  # H = L − E[score] cancels two values of a few hundred nats, each rounded by ~3e-5
+    assert torch.allclose(st_k[0][finite], st_t[0][finite], rtol=1e-5, atol=1e-5)
+    assert torch.allclose(st_k[1], st_t[1], atol=1e-5)
+    assert torch.allclose(st_k[2][finite], st_t[2][finite], atol=tol), (st_k[2][finite] - st_t[2][finite]).abs().max()
 
 
 # ---- the blockwise prefill (fused SDPA per block + dial merge) against localist_attention ---------
