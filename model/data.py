@@ -180,9 +180,13 @@ def solve(block: Evidence, case: Case) -> str:
     if not block_matches(block, case):
         raise ValueError(f"block {block.label} is not about {case.key!r}")
     f = block.fields
-    if case.family == "rule":
-        return f"Case: {case.key} [{block.label}]: {f['above'] if case.value > f['thr'] else f['below']}"
-    return f"Case: {case.key} [{block.label}]: {f['values'][case.field]}"
+    result = (f["above"] if case.value > f["thr"] else f["below"]) if case.family == "rule" else f["values"][case.field]
+    return f"Case: {case.key}{citation(block.label)} {result}"
+
+
+def citation(label: str) -> str:
+    """How an answer cites a block (`` [R12]:``), between the case and the result."""
+    return f" [{label}]:"
 
 
 def _templates(split: str, family: str) -> Sequence[int]:
@@ -275,28 +279,29 @@ def encode(example: Example, tokenizer, split_kinds: Sequence[str] = ()) -> Enco
     if split_kinds:
         table = apply_layout(table, tokenizer, split_kinds)[0]
     enc = tokenizer(example.answer, add_special_tokens=False, return_offsets_mapping=True)
-    digit = example.answer.index(f" [{example.target}]:") + 3  # "Case: <case> [R12]: …" → the "1"
+    digit = example.answer.index(citation(example.target)) + 3  # "Case: <case> [R12]: …" → the "1"
     lookup = next(k for k, (a, b) in enumerate(enc["offset_mapping"]) if a <= digit < b)
     target = table.index(example.target)
-    copies = copy_sources(example, table, target, enc["input_ids"], enc["offset_mapping"])
+    copies = copy_sources(example, table, target, digit, enc["input_ids"], enc["offset_mapping"])
     return Encoded(table, list(enc["input_ids"]) + [tokenizer.eos_token_id], target, lookup, copies)
 
 
-def copy_sources(example: Example, table: BlockTable, target: int, answer_ids, offsets) -> list[tuple[int, int]]:
+def copy_sources(example: Example, table: BlockTable, target: int, digit: int, answer_ids, offsets
+                 ) -> list[tuple[int, int]]:
     """(answer token, prompt position) pairs for the answer tokens that are read off the target block.
 
     The cited id's digits come from the block's heading (their first occurrence in the block) and
     the outcome or value from its body (their last occurrence: a value equal to the id's digits is
-    still the field's). They are the attention targets of the token-level readout term in training.
+    still the field's). ``digit`` is the answer's offset of the id's first digit. They are the
+    attention targets of the token-level readout term in training.
     """
-    digit = example.answer.index(f" [{example.target}]:") + 3
     result = example.answer.index("]: ") + 3
     block = table.blocks[target]
     body = table.token_ids[block.start:block.end]
     pairs = []
     for k, ((a, b), token) in enumerate(zip(offsets, answer_ids)):
-        in_id, in_result = a < digit + len(example.target) - 1 and b > digit, b > result
-        hits = [j for j, t in enumerate(body) if t == token]
-        if hits and (in_id or in_result):
+        in_id = a < digit + len(example.target) - 1 and b > digit
+        hits = [j for j, t in enumerate(body) if t == token] if in_id or b > result else []
+        if hits:
             pairs.append((k, block.start + (hits[0] if in_id else hits[-1])))
     return pairs

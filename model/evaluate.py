@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from localist.model.data import encode, examples
+from localist.model.data import citation, encode, examples
 from localist.model.attention import BlockStats
 from localist.model.blocks import BlockTable
 from localist.model.metrics import metrics_for_table
@@ -85,7 +85,7 @@ def evaluate_model(path: str | Path, rhos: Sequence[float], split: str, count: i
             text = lm.tokenizer.decode(tokens, skip_special_tokens=True).strip()
             m = metrics_for_table(stats, enc.table, target=enc.target_block, rho=rho)
             # the citation alone: the answer names the target's id (the pointer), right or wrong outcome
-            values = {"exact_match": float(text == ex.answer), "cited_id": float(f" [{ex.target}]:" in text),
+            values = {"exact_match": float(text == ex.answer), "cited_id": float(citation(ex.target) in text),
                       "pointer_fidelity": m.pointer_fidelity,
                       "entropy_nats": m.entropy_nats, "block_entropy_nats": m.block_entropy_nats}
             for k, v in values.items():
