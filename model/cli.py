@@ -12,7 +12,7 @@ def _train(args: argparse.Namespace) -> int:
     from localist.model.train import train
 
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
-    for name in ("mu_ramp", "rho_ramp"):
+    for name in ("mu_ramp", "pointer_ramp", "rho_ramp"):
         if name in values:
             values[name] = tuple(values[name])
     values["progress"] = not args.no_progress

@@ -47,16 +47,43 @@ DOMAINS = {
                ["refer", "reduce", "reject"], ["dispense", "approve"]),
 }
 
-# Rule templates: the first four are for training and validation, the rest only appear in test. Every
-# rule opens with its heading "Rule on <entity> [<id>]": the id follows the entity as it does in the
-# answer, so citing it is a copy of what follows the entity (an induction head), not a search back
-# from the entity to an id written before it.
+# Rule templates: all but the last two are for training and validation; the last two appear only in
+# test. Every rule opens with its heading "Rule on <entity> [<id>]": the id follows the entity as it
+# does in the answer, so citing it is a copy of what follows the entity (an induction head), not a
+# search back from the entity to an id written before it. Every template names the outcome above the
+# limit before the one at or below it. Training has many phrasings so that what the model learns is
+# to read a rule, not the positions of one sentence frame (with four, the held-out outcome was read
+# at chance).
 RULE_TEMPLATES = [
     "Rule on {entity} [{id}]. {area}: if the {qty} exceeds {thr} {unit}, the decision is {above}; "
     "otherwise it is {below}.",
     "Rule on {entity} [{id}] with a {qty} above {thr} {unit}: {above}. At or below {thr} {unit}: {below}.",
     "Rule on {entity} [{id}] cases: a {qty} over {thr} {unit} means {above}, and {below} in all other cases.",
     "Rule on {entity} [{id}]: maximum {qty} {thr} {unit}. Above it: {above}. Otherwise: {below}.",
+    "Rule on {entity} [{id}]: when the {qty} is greater than {thr} {unit}, {above}; else {below}.",
+    "Rule on {entity} [{id}]. Threshold {thr} {unit} ({qty}). Over the threshold: {above}. Up to it: {below}.",
+    "Rule on {entity} [{id}] ({area}): a {qty} beyond {thr} {unit} leads to {above}, anything up to "
+    "{thr} {unit} to {below}.",
+    "Rule on {entity} [{id}]: {area} cap of {thr} {unit} on the {qty}. Higher: {above}. Lower or equal: {below}.",
+    "Rule on {entity} [{id}]. If {qty} > {thr} {unit} then {above}, if not then {below}.",
+    "Rule on {entity} [{id}]: the {qty} limit is {thr} {unit}; cases past it get {above}, the rest {below}.",
+    "Rule on {entity} [{id}]. Any {qty} in excess of {thr} {unit} calls for {above}; a smaller one for {below}.",
+    "Rule on {entity} [{id}]: exceeding {thr} {unit} of {qty} means {above}. Staying within means {below}.",
+    # paraphrases: training templates too, used only when a run asks for them (``paraphrases=True``)
+    "Rule on {entity} [{id}]: where the {qty} is more than {thr} {unit}, {above}; in other cases, {below}.",
+    "Rule on {entity} [{id}]. For a {qty} of more than {thr} {unit} the outcome is {above}, else it is {below}.",
+    "Rule on {entity} [{id}] ({area}). Ceiling: {thr} {unit} of {qty}. Past the ceiling: {above}. Within it: {below}.",
+    "Rule on {entity} [{id}]: {qty} greater than {thr} {unit} gives {above}; {qty} up to {thr} {unit} gives {below}.",
+    "Rule on {entity} [{id}]. Should the {qty} pass {thr} {unit}, {above}. If it does not, {below}.",
+    "Rule on {entity} [{id}], {area} policy: over {thr} {unit} ({qty}) means {above}; not over means {below}.",
+    "Rule on {entity} [{id}]: a {qty} that tops {thr} {unit} triggers {above}, one that does not triggers {below}.",
+    "Rule on {entity} [{id}]. The {qty} may not exceed {thr} {unit}. Breach: {above}. No breach: {below}.",
+    "Rule on {entity} [{id}]: {above} once the {qty} goes beyond {thr} {unit}, and {below} until then.",
+    "Rule on {entity} [{id}] sets {thr} {unit} as the {qty} bound; above the bound {above}, below or at it {below}.",
+    "Rule on {entity} [{id}]. Case {qty} above {thr} {unit}? Then {above}. Otherwise {below}.",
+    "Rule on {entity} [{id}]: the {area} desk decides {above} for a {qty} past {thr} {unit} and {below} for the rest.",
+    "Rule on {entity} [{id}]. Upper bound {thr} {unit} for the {qty}; beyond it {above}, inside it {below}.",
+    "Rule on {entity} [{id}]: more than {thr} {unit} of {qty} leads to {above}. Anything less leads to {below}.",
     # held out
     "Rule on {entity} [{id}]. A {qty} higher than {thr} {unit} requires the decision {above}; a lower one "
     "gets {below}.",
@@ -78,6 +105,20 @@ DOC_TEMPLATES = [
     "File of {name} [{id}]. {F1}: {v1}. {F2}: {v2}. {F3}: {v3}.",
     "File of {name} [{id}], record: {f1} {v1}, {f2} {v2}, {f3} {v3}.",
     "File of {name} [{id}], case document: the {f1} is {v1}, the {f2} is {v2} and the {f3} is {v3}.",
+    "File of {name} [{id}] lists {f1} {v1}; {f2} {v2}; {f3} {v3}.",
+    "File of {name} [{id}]. {F1} {v1}. {F2} {v2}. {F3} {v3}.",
+    "File of {name} [{id}], summary: {f1} of {v1}, {f2} of {v2}, {f3} of {v3}.",
+    "File of {name} [{id}] with {f1} {v1}, with {f2} {v2} and with {f3} {v3}.",
+    "File of {name} [{id}]: {f1} = {v1}, {f2} = {v2}, {f3} = {v3}.",
+    "File of {name} [{id}]. Values on record: {f1} at {v1}, {f2} at {v2}, {f3} at {v3}.",
+    # paraphrases
+    "File of {name} [{id}], profile: {f1} {v1} / {f2} {v2} / {f3} {v3}.",
+    "File of {name} [{id}]. The {f1} reads {v1}, the {f2} reads {v2}, the {f3} reads {v3}.",
+    "File of {name} [{id}]: {F1} - {v1}. {F2} - {v2}. {F3} - {v3}.",
+    "File of {name} [{id}] shows a {f1} of {v1}, a {f2} of {v2} and a {f3} of {v3}.",
+    "File of {name} [{id}]. Entries: {f1}, {v1}; {f2}, {v2}; {f3}, {v3}.",
+    "File of {name} [{id}]: known {f1} {v1}, known {f2} {v2}, known {f3} {v3}.",
+    "File of {name} [{id}]. {F1} is {v1}. {F2} is {v2}. {F3} is {v3}.",
     # held out
     "File of {name} [{id}]. Recorded {f1} = {v1}; {f2} = {v2}; {f3} = {v3}.",
 ]
@@ -86,8 +127,8 @@ DOC_QUESTIONS = [
     "Look up {name}: what {field} is on file?",
     "Give the {field} recorded for {name}, with the document id.",
 ]
-TRAIN_RULE_TEMPLATES, TEST_RULE_TEMPLATES = range(0, 4), range(4, 6)
-TRAIN_DOC_TEMPLATES, TEST_DOC_TEMPLATES = range(0, 3), range(3, 4)
+TRAIN_RULE_TEMPLATES, PARAPHRASE_RULE_TEMPLATES, TEST_RULE_TEMPLATES = range(0, 12), range(12, 26), range(26, 28)
+TRAIN_DOC_TEMPLATES, PARAPHRASE_DOC_TEMPLATES, TEST_DOC_TEMPLATES = range(0, 9), range(9, 16), range(16, 17)
 
 
 @dataclass(frozen=True)
@@ -189,23 +230,26 @@ def citation(label: str) -> str:
     return f" [{label}]:"
 
 
-def _templates(split: str, family: str) -> Sequence[int]:
+def _templates(split: str, family: str, paraphrases: bool) -> Sequence[int]:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    held_out = split == "test"
-    if family == "rule":
-        return TEST_RULE_TEMPLATES if held_out else TRAIN_RULE_TEMPLATES
-    return TEST_DOC_TEMPLATES if held_out else TRAIN_DOC_TEMPLATES
+    if split == "test":
+        return TEST_RULE_TEMPLATES if family == "rule" else TEST_DOC_TEMPLATES
+    base, extra = ((TRAIN_RULE_TEMPLATES, PARAPHRASE_RULE_TEMPLATES) if family == "rule"
+                   else (TRAIN_DOC_TEMPLATES, PARAPHRASE_DOC_TEMPLATES))
+    return [*base, *extra] if paraphrases else base
 
 
-def make_example(seed: int, split: str, index: int, min_blocks: int = 3, max_blocks: int = 8) -> Example:
-    """Example ``index`` of ``split``: a pure function of its arguments."""
+def make_example(seed: int, split: str, index: int, min_blocks: int = 3, max_blocks: int = 8,
+                 paraphrases: bool = False) -> Example:
+    """Example ``index`` of ``split``: a pure function of its arguments. ``paraphrases`` widens the
+    training and validation phrasings (a later training stage); the test split is unaffected."""
     if not 2 <= min_blocks <= max_blocks:
         raise ValueError(f"need 2 <= min_blocks <= max_blocks, got {min_blocks}, {max_blocks}")
     rng = random.Random(f"localist-data:{seed}:{split}:{index}")
     n = rng.randint(min_blocks, max_blocks)
     family = "rule" if rng.random() < 0.7 else "document"
-    templates = _templates(split, family)
+    templates = _templates(split, family, paraphrases)
     ids = rng.sample(range(1, 100), n)
     if family == "rule":
         domains = rng.sample(sorted(DOMAINS), rng.randint(1, 2))

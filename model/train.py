@@ -180,10 +180,13 @@ def blocks_at(cfg: TrainConfig, step: int) -> tuple[int, int]:
     return 2, max(hi, 2)
 
 
-def pointer_at(cfg: TrainConfig, step: int) -> float:
-    """ν ramps in with μ: from the start, a pointer loss on the answer starves the positional heads
-    (previous token, induction) that reading a block's id needs; they form first, then get aimed."""
-    return cfg.pointer_weight * _ramp(cfg.mu_ramp, cfg.steps, step)
+def pointer_at(cfg: TrainConfig, step: int) -> tuple[float, float]:
+    """(ν, τ) at this step. They ramp in over ``pointer_ramp``: from the start, a pointer loss on the
+    answer starves the positional heads (previous token, induction) that reading a block needs; they
+    form first, then get aimed. Their ramp is μ's own, or earlier: a head the entropy penalty has
+    locked onto a block gets no pointer gradient."""
+    r = _ramp(cfg.pointer_ramp, cfg.steps, step)
+    return cfg.pointer_weight * r, cfg.readout_weight * r
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -218,7 +221,8 @@ class StepBatches(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> Batch:
         cfg, step = self.cfg, self.start + i
         lo, hi = blocks_at(cfg, step)
-        exs = [make_example(cfg.seed, "train", step * cfg.batch_size + j, lo, hi) for j in range(cfg.batch_size)]
+        exs = [make_example(cfg.seed, "train", step * cfg.batch_size + j, lo, hi, cfg.paraphrases)
+               for j in range(cfg.batch_size)]
         encoded = [encode(e, self.tokenizer, self.split_kinds) for e in exs]
         return collate(encoded, self.tokenizer.pad_token_id, cfg.prompt_weight)
 
@@ -281,8 +285,9 @@ class Trainer:
         off_target = off_target_share(fidelity, batch.answer)
         off_lookup = off_target_share(fidelity, batch.lookup)
         readout = readout_miss(stats, batch)
-        loss = (loss_nll + mu_at(cfg, self.step) * penalty + pointer_at(cfg, self.step) * off_target
-                + cfg.lookup_weight * off_lookup + cfg.readout_weight * readout)
+        nu, tau = pointer_at(cfg, self.step)
+        loss = (loss_nll + mu_at(cfg, self.step) * penalty + nu * off_target + cfg.lookup_weight * off_lookup
+                + tau * readout)
         for group in self.opt.param_groups:
             group["lr"] = lr_at(cfg, self.step)
         self.opt.zero_grad(set_to_none=True)
@@ -294,7 +299,7 @@ class Trainer:
         return {"step": self.step, "loss": loss.item(), "nll": loss_nll.item(), "answer_nll": answer_nll.item(),
                 "penalty": penalty.item(), "off_target": off_target.item(), "off_lookup": off_lookup.item(),
                 "readout": readout.item(), "mu": mu_at(cfg, self.step - 1),
-                "nu": pointer_at(cfg, self.step - 1), "grad_norm": grad_norm.item(), "lr": lr_at(cfg, self.step - 1)}
+                "nu": nu, "tau": tau, "grad_norm": grad_norm.item(), "lr": lr_at(cfg, self.step - 1)}
 
     def run(self) -> Path:
         cfg = self.cfg

@@ -16,9 +16,10 @@ class TrainConfig:
     weight_decay: float = 0.01
     mu: float = 0.25  # weight of the candidate block-entropy penalty (nats)
     mu_ramp: tuple = (0.5, 0.75)  # μ grows linearly between these fractions of training (0 before)
-    pointer_weight: float = 0.0  # ν: weight of the off-target evidence share of the answer queries (ramps as μ)
+    pointer_weight: float = 0.0  # ν: weight of the off-target evidence share of the answer queries
     lookup_weight: float = 0.0  # κ: the same off-target share at the one query that cites the id (no ramp)
     readout_weight: float = 0.0  # τ: −ln of the last layer's head 0 weight on each copied answer token's source
+    pointer_ramp: tuple = (0.5, 0.75)  # ν and τ grow linearly between these fractions of training
     init_from: str = ""  # start from this exported model (weights and tokenizer): a second training stage
     curriculum: float = 0.3  # over this fraction of training the block count grows from 2 to max_blocks
     rho_max: float = 0.95  # ρ ~ U(0, rho_max), or exactly 0 with probability rho_zero_share
@@ -32,6 +33,7 @@ class TrainConfig:
     vocab_size: int = 2048
     tokenizer_examples: int = 4000
     min_blocks: int = 3
+    paraphrases: bool = False  # train on the generator's paraphrase templates too (data.PARAPHRASE_*)
     max_blocks: int = 8
     checkpoint_every: int = 500
     eval_every: int = 500
@@ -51,7 +53,7 @@ class TrainConfig:
             "mu": self.mu >= 0, "pointer_weight": self.pointer_weight >= 0, "lookup_weight": self.lookup_weight >= 0,
             "readout_weight": self.readout_weight >= 0,
             "curriculum": 0 <= self.curriculum <= 1,
-            "mu_ramp": _is_ramp(self.mu_ramp), "rho_ramp": _is_ramp(self.rho_ramp),
+            "mu_ramp": _is_ramp(self.mu_ramp), "pointer_ramp": _is_ramp(self.pointer_ramp), "rho_ramp": _is_ramp(self.rho_ramp),
             "rho_max": 0 <= self.rho_max < 1, "rho_zero_share": 0 <= self.rho_zero_share <= 1,
             "prompt_weight": self.prompt_weight >= 0, "recruit_rho": 0 <= self.recruit_rho <= 1,
             "save_dtype": self.save_dtype in ("float32", "bfloat16"),

@@ -88,7 +88,7 @@ def test_test_split_uses_only_held_out_templates():
     held_out = {("rule", t) for t in TEST_RULE_TEMPLATES} | {("document", t) for t in TEST_DOC_TEMPLATES}
     assert seen["test"] == held_out
     assert not (seen["train"] | seen["validation"]) & held_out
-    assert len(RULE_TEMPLATES) == 6 and len(DOMAINS) == 4
+    assert len(RULE_TEMPLATES) == 28 and len(DOMAINS) == 4
 
 
 def test_encoding_puts_each_evidence_block_in_its_own_candidate_block(tok):

@@ -163,8 +163,8 @@ def test_off_target_share_is_one_minus_answer_fidelity_and_trains_the_attention(
     log_mass.grad = None
     off_target_share(query_fidelity([stats], batch), batch.lookup).backward()
     assert torch.all(log_mass.grad == 0)  # the lookup term scores only the query that cites the id
-    cfg = tiny("/tmp/unused", steps=100, pointer_weight=0.5, mu_ramp=(0.2, 0.4))
-    assert pointer_at(cfg, 0) == 0.0 and pointer_at(cfg, 40) == 0.5  # ramps in with μ
+    cfg = tiny("/tmp/unused", steps=100, pointer_weight=0.5, readout_weight=3.0, pointer_ramp=(0.2, 0.4))
+    assert pointer_at(cfg, 0) == (0.0, 0.0) and pointer_at(cfg, 30) == (0.25, 1.5) and pointer_at(cfg, 40) == (0.5, 3.0)
 
 
 def test_readout_term_trains_one_head_on_each_copied_token(run):
