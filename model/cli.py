@@ -8,15 +8,20 @@ from dataclasses import MISSING, fields
 from localist.model.train_config import TrainConfig
 
 
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The run's settings: the flags given, the defaults for the rest."""
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
+    for name, value in values.items():
+        if isinstance(value, list):  # the (start, end) ramps
+            values[name] = tuple(value)
+    values["progress"] = not args.no_progress
+    return TrainConfig(**values)
+
+
 def _train(args: argparse.Namespace) -> int:
     from localist.model.train import train
 
-    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
-    for name in ("mu_ramp", "pointer_ramp", "rho_ramp"):
-        if name in values:
-            values[name] = tuple(values[name])
-    values["progress"] = not args.no_progress
-    path = train(TrainConfig(**values))
+    path = train(train_config(args))
     print(f"model written to {path}")
     return 0
 
@@ -52,6 +57,9 @@ def add_commands(subparsers) -> None:
         flag = "--" + f.name.replace("_", "-")
         if f.default is MISSING:
             train.add_argument(flag, dest=f.name, required=True, help="output folder (checkpoints resume from here)")
+        elif isinstance(f.default, bool):  # --flag / --no-flag (type=bool would take "False" as true)
+            train.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                               help=f"default {f.default}")
         elif isinstance(f.default, tuple):
             train.add_argument(flag, dest=f.name, type=float, nargs=len(f.default), default=None,
                                help=f"default {' '.join(map(str, f.default))}")

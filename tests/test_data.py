@@ -2,8 +2,8 @@
 import pytest
 
 from localist.model.data import (
-    DOMAINS, RULE_TEMPLATES, SPLITS, TEST_DOC_TEMPLATES, TEST_RULE_TEMPLATES, block_matches, corpus_texts,
-    encode, examples, make_example, solve,
+    DOC_TEMPLATES, DOMAINS, PARAPHRASE_DOC_TEMPLATES, PARAPHRASE_RULE_TEMPLATES, RULE_TEMPLATES, SPLITS,
+    TEST_DOC_TEMPLATES, TEST_RULE_TEMPLATES, block_matches, corpus_texts, encode, examples, make_example, solve,
 )
 from localist.model.tokenizer import train_tokenizer
 
@@ -89,6 +89,23 @@ def test_test_split_uses_only_held_out_templates():
     assert seen["test"] == held_out
     assert not (seen["train"] | seen["validation"]) & held_out
     assert len(RULE_TEMPLATES) == 28 and len(DOMAINS) == 4
+
+
+def test_paraphrases_widen_training_phrasings_and_leave_the_test_split_alone():
+    paraphrased = {"train": set(), "validation": set()}
+    for split in paraphrased:
+        for i in range(300):
+            paraphrased[split] |= {(e.kind, e.template) for e in make_example(0, split, i, paraphrases=True).evidence}
+    extra = {("rule", t) for t in PARAPHRASE_RULE_TEMPLATES} | {("document", t) for t in PARAPHRASE_DOC_TEMPLATES}
+    held_out = {("rule", t) for t in TEST_RULE_TEMPLATES} | {("document", t) for t in TEST_DOC_TEMPLATES}
+    for split, seen in paraphrased.items():
+        assert extra <= seen and not seen & held_out, split
+    assert all(make_example(0, "test", i, paraphrases=True) == make_example(0, "test", i) for i in range(50))
+    # the held-out phrasings stay unseen: no training template shares their distinctive words
+    training = [RULE_TEMPLATES[t] for t in range(TEST_RULE_TEMPLATES.start)]
+    training += [DOC_TEMPLATES[t] for t in range(TEST_DOC_TEMPLATES.start)]
+    for words in ("higher than", "requires the decision", "a lower one", "xceeded", "Recorded", "= {v1};"):
+        assert not any(words in t for t in training), words
 
 
 def test_encoding_puts_each_evidence_block_in_its_own_candidate_block(tok):

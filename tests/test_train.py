@@ -199,3 +199,15 @@ def test_second_stage_starts_from_an_exported_model_and_stops_where_told(run, tm
     meta = json.loads((out / "localist.json").read_text())
     assert meta["steps_done"] == 2 and meta["training"]["init_from"] == str(run)
     assert [json.loads(x)["step"] for x in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_train_flags_build_the_config():
+    from localist.clients.cli import build_parser
+    from localist.model.cli import train_config
+
+    args = build_parser().parse_args(["train", "--out", "run", "--paraphrases", "--pointer-ramp", "0", "0.5",
+                                      "--stop-at", "5", "--no-progress"])
+    cfg = train_config(args)
+    assert cfg.paraphrases is True and cfg.pointer_ramp == (0.0, 0.5) and cfg.stop_at == 5 and not cfg.progress
+    assert cfg.mu == TrainConfig.mu and cfg.rho_ramp == TrainConfig.rho_ramp  # unset flags keep the defaults
+    assert train_config(build_parser().parse_args(["train", "--out", "run", "--no-paraphrases"])).paraphrases is False
