@@ -334,18 +334,21 @@ def copy_sources(example: Example, table: BlockTable, target: int, digit: int, a
                  ) -> list[tuple[int, int]]:
     """(answer token, prompt position) pairs for the answer tokens that are read off the target block.
 
-    The cited id's digits come from the block's heading (their first occurrence in the block) and
-    the outcome or value from its body (their last occurrence: a value equal to the id's digits is
-    still the field's). ``digit`` is the answer's offset of the id's first digit. They are the
-    attention targets of the token-level readout term in training.
+    The cited id's tokens come from the block's heading (each one's first occurrence after the
+    previous id token's: "88" as two "8" tokens reads two positions) and the outcome or value from
+    its body (their last occurrence: a value equal to the id's digits is still the field's).
+    ``digit`` is the answer's offset of the id's first digit. They are the attention targets of the
+    token-level readout term in training.
     """
     result = example.answer.index("]: ") + 3
     block = table.blocks[target]
     body = table.token_ids[block.start:block.end]
-    pairs = []
+    pairs, after = [], -1
     for k, ((a, b), token) in enumerate(zip(offsets, answer_ids)):
         in_id = a < digit + len(example.target) - 1 and b > digit
-        hits = [j for j, t in enumerate(body) if t == token] if in_id or b > result else []
+        hits = [j for j, t in enumerate(body) if t == token and (j > after or not in_id)] if in_id or b > result else []
         if hits:
-            pairs.append((k, block.start + (hits[0] if in_id else hits[-1])))
+            source = hits[0] if in_id else hits[-1]
+            after = source if in_id else after
+            pairs.append((k, block.start + source))
     return pairs

@@ -33,8 +33,8 @@ class TrainConfig:
     vocab_size: int = 2048
     tokenizer_examples: int = 4000
     min_blocks: int = 3
-    paraphrases: bool = False  # train on the generator's paraphrase templates too (data.PARAPHRASE_*)
     max_blocks: int = 8
+    paraphrases: bool = False  # train on the generator's paraphrase templates too (data.PARAPHRASE_*)
     checkpoint_every: int = 500
     eval_every: int = 500
     eval_examples: int = 128

@@ -108,8 +108,11 @@ def test_paraphrases_widen_training_phrasings_and_leave_the_test_split_alone():
         assert not any(words in t for t in training), words
 
 
-def test_encoding_puts_each_evidence_block_in_its_own_candidate_block(tok):
-    for ex in examples(0, "test", 20):
+@pytest.mark.parametrize("paraphrases", [False, True])
+def test_encoding_puts_each_evidence_block_in_its_own_candidate_block(tok, paraphrases):
+    exs = [make_example(0, "test", i) for i in range(20)]
+    exs += [make_example(0, "train", i, paraphrases=paraphrases) for i in range(40)]
+    for ex in exs:
         enc = encode(ex, tok)
         table = enc.table
         assert table.blocks[0].kind == "sink" and table.blocks[-1].kind == "response"
