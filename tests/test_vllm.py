@@ -340,7 +340,9 @@ def test_paged_kernel_equals_torch_path(transposed, bs, H, Hkv, D, G, q_scale):
     out_k, st_k = decode(True)
     out_t, st_t = decode(False)
     assert torch.isfinite(out_k).all()
-    assert torch.allclose(out_k, out_t, atol=1e-5)
+    # A score's float32 rounding grows with its size (hundreds of nats when saturated: ~1e-5), and the
+    # weights, so the outputs, move by as much relative to one another; the two paths round differently.
+    assert torch.allclose(out_k, out_t, atol=1e-5 * max(1.0, q_scale / 10))
     finite, finite_k = torch.isfinite(st_t[0]), torch.isfinite(st_k[0])
     tol = 1e-5
     if q_scale < 10:
