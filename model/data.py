@@ -343,12 +343,14 @@ def copy_sources(example: Example, table: BlockTable, target: int, digit: int, a
     result = example.answer.index("]: ") + 3
     block = table.blocks[target]
     body = table.token_ids[block.start:block.end]
-    pairs, after = [], -1
+    pairs, after = [], -1  # after: the heading position of the previous id token
     for k, ((a, b), token) in enumerate(zip(offsets, answer_ids)):
-        in_id = a < digit + len(example.target) - 1 and b > digit
-        hits = [j for j, t in enumerate(body) if t == token and (j > after or not in_id)] if in_id or b > result else []
-        if hits:
-            source = hits[0] if in_id else hits[-1]
-            after = source if in_id else after
+        hits = [j for j, t in enumerate(body) if t == token]
+        if a < digit + len(example.target) - 1 and b > digit:  # an id token
+            source = next((j for j in hits if j > after), None)
+            after = after if source is None else source
+        else:
+            source = hits[-1] if hits and b > result else None
+        if source is not None:
             pairs.append((k, block.start + source))
     return pairs
