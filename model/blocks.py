@@ -135,24 +135,33 @@ def _tokenize(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def _added_tokens(tokenizer, text: str) -> tuple[list[int], list[int]]:
+    """The token ids the tokenizer itself puts before and after ``text`` when it adds its special tokens."""
+    bare = _tokenize(tokenizer, text)
+    full = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    for start in range(len(full) - len(bare) + 1):
+        if full[start:start + len(bare)] == bare:
+            return full[:start], full[start + len(bare):]
+    raise ValueError(f"the tokenizer changes the tokens of {text[:40]!r} when it adds its special tokens; "
+                     "blocks cannot be tokenised one by one with it")
+
+
 def table_from_pieces(
     tokenizer, pieces: Sequence[Piece], response_text: str = "", max_blocks: int = MAX_BLOCKS,
-    prepend_bos: bool = True,
+    add_special_tokens: bool = True,
 ) -> BlockTable:
     """Tokenise each piece on its own and concatenate; add the sink and the response block.
 
-    With ``prepend_bos`` and a tokenizer that has a BOS token, BOS is the sink; otherwise the first
-    token of the first piece is split off to form it.
+    With ``add_special_tokens`` the prompt carries exactly the special tokens the tokenizer adds to
+    a text by default (a BOS for some tokenizers, nothing for others), as vLLM's completions endpoint
+    tokenises a prompt; nothing else is added. The sink is the prompt's own first token.
     """
+    before, after = _added_tokens(tokenizer, pieces[0].text) if add_special_tokens and pieces else ([], [])
     token_ids: list[int] = []
     blocks: list[Block] = []
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if prepend_bos and bos is not None:
-        token_ids.append(bos)
-        blocks.append(Block(0, "sink", "sink", 0, 1, pinned=True))
-    for piece in pieces:
-        ids = _tokenize(tokenizer, piece.text)
-        if not blocks and ids:  # no BOS: the first token is the sink
+    for k, piece in enumerate(pieces):
+        ids = (before if k == 0 else []) + _tokenize(tokenizer, piece.text) + (after if k == len(pieces) - 1 else [])
+        if not blocks and ids:
             token_ids.append(ids.pop(0))
             blocks.append(Block(0, "sink", "sink", 0, 1, pinned=True))
         if not ids:
@@ -264,7 +273,7 @@ def table_from_chat(
             pieces.append(Piece(segment, label, role))
         previous = current
     response_text = render(messages, True)[len(previous):] if add_generation_prompt else ""
-    return table_from_pieces(tokenizer, pieces, response_text, max_blocks, prepend_bos=False)
+    return table_from_pieces(tokenizer, pieces, response_text, max_blocks, add_special_tokens=False)
 
 
 def resolve_rho(locality: Any, num_layers: int, field_name: str = "locality") -> list[float]:

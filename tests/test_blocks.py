@@ -1,5 +1,6 @@
 """Block specification: builders, tokenisation per block, and clear errors (SPEC §1, §8)."""
 import pytest
+from tokenizers import processors
 from transformers import AutoTokenizer
 
 from localist.model.blocks import (
@@ -22,11 +23,30 @@ def test_texts_each_block_tokenised_alone(tok):
     texts = [Piece("Rule R1: loans above 50000", "R1", "rule"), Piece("EUR need approval.", "D1", "document")]
     table = table_from_texts(tok, texts)
     assert [b.kind for b in table.blocks] == ["sink", "rule", "document", "response"]
-    assert table.token_ids[0] == tok.bos_token_id and table.blocks[0].pinned
-    for piece, block in zip(texts, table.blocks[1:3]):
-        assert table.token_ids[block.start:block.end] == tok(piece.text, add_special_tokens=False).input_ids
+    assert table.blocks[0].pinned
+    pieces = [tok(piece.text, add_special_tokens=False).input_ids for piece in texts]
+    assert table.token_ids == pieces[0] + pieces[1]  # this tokenizer adds no BOS, so none is added
+    assert table.token_ids[table.blocks[2].start:table.blocks[2].end] == pieces[1]
     assert table.block_ids() == [0] + [1] * (table.blocks[1].end - 1) + [2] * (table.blocks[2].end - table.blocks[2].start)
     assert table.candidates() == [False, True, True, False]
+
+
+def test_prompt_carries_exactly_the_special_tokens_the_tokenizer_adds(tok, tmp_path):
+    """The sink is the prompt's own first token: BOS only where the tokenizer itself adds one."""
+    text = "Rule R1: loans above 50000 EUR need approval."
+    assert table_from_texts(tok, [Piece(text, "q", "question")]).token_ids == tok(text).input_ids
+    tok.save_pretrained(tmp_path)
+    with_bos = AutoTokenizer.from_pretrained(tmp_path)
+    with_bos.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", with_bos.bos_token_id)])
+    assert with_bos(text).input_ids[0] == with_bos.bos_token_id
+    table = table_from_texts(with_bos, [Piece(text[:8], "R1", "rule"), Piece(text[8:], "q", "question")])
+    assert table.token_ids[0] == with_bos.bos_token_id and table.blocks[0].kind == "sink"
+    assert table.token_ids[1:] == tok(text[:8]).input_ids + tok(text[8:]).input_ids
+    messages = [{"role": "user", "content": text}]
+    chat = table_from_chat(with_bos, messages)  # the template renders its BOS; none is added on top
+    rendered = with_bos.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert chat.token_ids == with_bos(rendered, add_special_tokens=False).input_ids
 
 
 def test_chat_template_tokens_go_to_the_message_they_introduce(tok):
