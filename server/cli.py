@@ -1,4 +1,4 @@
-"""`localist serve` and `localist keys create|list|revoke` (added to the console script by add_commands)."""
+"""`localist serve`, `localist import` and `localist keys create|list|revoke` (added to the console script by add_commands)."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +7,8 @@ import logging
 import os
 import sys
 from pathlib import Path
+
+from localist.model.gguf_import import DTYPES, file_sha256, import_gguf
 
 SHIPPED_MODEL = "localist-tiny"
 log = logging.getLogger("localist.server")
@@ -41,6 +43,34 @@ def stand_in_model() -> Path:
     return path
 
 
+def imported_model_dir(gguf: Path, dtype: str) -> Path:
+    """Where a GGUF file is converted for serving: keyed by the file's sha256 and the dtype."""
+    return data_dir() / "models" / f"{file_sha256(gguf)[:16]}-{dtype}"
+
+
+def converted_gguf(gguf: Path, dtype: str) -> Path:
+    """The HF folder of ``gguf`` in ``dtype``, converted on first use only."""
+    out = imported_model_dir(gguf, dtype)
+    if not (out / "config.json").exists():
+        print(f"localist: converting {gguf} to a {dtype} folder at {out} (once)", file=sys.stderr, flush=True)
+        import_gguf(gguf, out, dtype)
+    return out
+
+
+def _import(args: argparse.Namespace) -> int:
+    gguf = Path(args.file)
+    if not gguf.is_file():
+        print(f"localist import: {gguf}: no such file", file=sys.stderr)
+        return 2
+    try:
+        out = import_gguf(gguf, Path(args.out) if args.out else imported_model_dir(gguf, args.dtype), args.dtype)
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        print(f"localist import: {exc}", file=sys.stderr)
+        return 2
+    print(f"model written to {out}\n  serve it: localist serve --model {out}")
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -48,7 +78,17 @@ def _serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stand_in = False
-    if args.model:
+    gguf = args.model is not None and args.model.endswith(".gguf")
+    if args.dtype and not gguf:
+        print("localist serve: --dtype: applies to a .gguf model; a model directory is served in its "
+              "config's dtype", file=sys.stderr)
+        return 2
+    if gguf:
+        if not Path(args.model).is_file():
+            print(f"localist serve: --model {args.model}: no such GGUF file", file=sys.stderr)
+            return 2
+        model_dir = converted_gguf(Path(args.model), args.dtype or "bfloat16")
+    elif args.model:
         model_dir = Path(args.model)
         if not (model_dir / "config.json").exists():
             print(f"localist serve: --model {model_dir}: no config.json there (not a model directory)", file=sys.stderr)
@@ -62,7 +102,7 @@ def _serve(args: argparse.Namespace) -> int:
                   f"  Serving an UNTRAINED, RANDOM stand-in generated at {model_dir}.\n"
                   f"  Its outputs are noise; the API, metrics and audit work as with a real model.\n{banner}",
                   file=sys.stderr, flush=True)
-    name = args.name or model_dir.name
+    name = args.name or (Path(args.model).stem if gguf else model_dir.name)
     signing_key = None if args.no_signing else Path(args.signing_key or data_dir() / "signing-key.pem")
     base = f"http://{args.host}:{args.port}"
     auth = "any, while no key exists (dev mode); else one from `localist keys create`"
@@ -183,8 +223,11 @@ def _unit(text: str) -> float:
 
 def add_commands(subparsers) -> None:
     serve = subparsers.add_parser("serve", help="run the OpenAI-compatible localist server")
-    serve.add_argument("--model", help=f"model directory (default: models/{SHIPPED_MODEL}, or a generated "
-                       "untrained stand-in while none is shipped)")
+    serve.add_argument("--model", help=f"model directory or .gguf file (default: models/{SHIPPED_MODEL}, or a "
+                       "generated untrained stand-in while none is shipped); a GGUF file is converted once into "
+                       "$LOCALIST_HOME/models")
+    serve.add_argument("--dtype", choices=DTYPES,
+                       help="dtype a .gguf model is converted to and served in (default: bfloat16)")
     serve.add_argument("--name", help="served model name (default: the directory's name)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
@@ -199,6 +242,15 @@ def add_commands(subparsers) -> None:
     serve.add_argument("--max-blocks", type=_positive, default=64)
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=_serve)
+
+    imp = subparsers.add_parser("import", help="convert a GGUF checkpoint into a model directory to serve",
+                                description="Dequantize a GGUF file into a plain Hugging Face folder (config, "
+                                "safetensors, the file's tokenizer and chat template, provenance.json).")
+    imp.add_argument("file", metavar="FILE.gguf")
+    imp.add_argument("--out", help="folder to write (default: $LOCALIST_HOME/models/<sha256 prefix>-<dtype>, "
+                     "where `serve --model FILE.gguf` looks)")
+    imp.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    imp.set_defaults(func=_import)
 
     keys = subparsers.add_parser("keys", help="manage API keys (stored hashed in the audit store)")
     keys_sub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
