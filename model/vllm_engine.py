@@ -6,6 +6,11 @@ logits processor: vLLM calls its ``update_state`` with every change of the persi
 each forward pass, so it keeps ``row → RequestState`` (parsed once, when the request joins the batch)
 where the model, running in the same worker process, reads it. It never touches logits.
 
+Failures stay inside the request: when the localist path raises in a step, the attention layer
+finishes the step with vLLM's own kernel and calls :meth:`_WorkerState.fail` for every localist
+request of the step; this processor then forces each such row to its stop token, and
+:func:`fetch_stats` raises :class:`LocalistWorkerError` naming the cause. The engine keeps serving.
+
 Out: the model appends per generated token the block statistics [L, H, G] of the query that produced
 that token to a worker-local store keyed by the request id in the JSON. The server pulls them with
 ``collective_rpc`` into :class:`LocalistWorkerExtension` (works with the default multi-process
@@ -46,6 +51,9 @@ class RequestState:
     prompt_block_ids: torch.Tensor  # [P] int64
     pinned: torch.Tensor  # [G] bool
     keep_stats: bool
+    stop_token: int | None = None  # the token that ends the request (its EOS or first stop id)
+    inject_fault: bool = False  # test switch: the attention raises for this request (LOCALIST_FAULT_LABEL)
+    failed: str | None = None  # why the localist path failed for it; the row is then forced to stop
 
     @property
     def num_blocks(self) -> int:
@@ -72,7 +80,8 @@ def _raw_params(extra_args: dict[str, Any] | None) -> str | None:
     return raw
 
 
-def parse_request(extra_args: dict[str, Any] | None, prompt_token_ids: list[int] | None, num_layers: int) -> RequestState | None:
+def parse_request(extra_args: dict[str, Any] | None, prompt_token_ids: list[int] | None, num_layers: int,
+                  fault_label: str | None = None) -> RequestState | None:
     """The request's state, or None for a request without localist data (served as stock)."""
     raw = _raw_params(extra_args)
     if raw is None:
@@ -87,6 +96,7 @@ def parse_request(extra_args: dict[str, Any] | None, prompt_token_ids: list[int]
         prompt_block_ids=torch.tensor(table.block_ids(), dtype=torch.int64),
         pinned=torch.tensor(table.pinned(), dtype=torch.bool),
         keep_stats=bool(params.request_id),
+        inject_fault=fault_label is not None and any(b.label == fault_label for b in table.blocks),
     )
 
 
@@ -97,7 +107,8 @@ def parse_request(extra_args: dict[str, Any] | None, prompt_token_ids: list[int]
 @dataclass
 class _Record:
     tokens: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    error: str | None = None
+    error: str | None = None  # the request's localist data was refused: it ran as stock
+    failure: str | None = None  # the localist path raised while serving it: it was ended
     left_at: float | None = None  # when the request left the batch (finished, aborted or preempted)
 
 
@@ -108,6 +119,7 @@ class _WorkerState:
         self.rows: dict[int, RequestState] = {}
         self.records: dict[str, _Record] = {}
         self.num_layers = 0
+        self.fault_label: str | None = None  # LOCALIST_FAULT_LABEL, read once when the engine starts
 
     def record(self, request_id: str) -> _Record:
         rec = self.records.get(request_id)
@@ -118,14 +130,20 @@ class _WorkerState:
     def add_token_stats(self, request_id: str, token_index: int, log_mass, mass, inner_entropy) -> None:
         self.record(request_id).tokens[token_index] = (log_mass, mass, inner_entropy)
 
+    def fail(self, state: RequestState, message: str) -> None:
+        """The localist path failed for this request: end its row, keep the cause for the server."""
+        state.failed = message
+        if state.keep_stats:
+            self.record(state.request_id).failure = message
+
     def take(self, request_id: str, since: int, release: bool) -> dict[str, Any]:
         rec = self.records.pop(request_id, None) if release else self.records.get(request_id)
         if rec is None:
-            return {"known": False, "error": None, "num_tokens": 0}
+            return {"known": False, "error": None, "failure": None, "num_tokens": 0}
         n = 0
         while n in rec.tokens:
             n += 1
-        out: dict[str, Any] = {"known": True, "error": rec.error, "num_tokens": n}
+        out: dict[str, Any] = {"known": True, "error": rec.error, "failure": rec.failure, "num_tokens": n}
         for k, name in enumerate(STATS_FIELDS):
             rows = [rec.tokens[t][k] for t in range(since, n)]
             if rows:  # raw float32 bytes: the RPC reply crosses two process boundaries
@@ -168,12 +186,19 @@ class LocalistRowState(LogitsProcessor):
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
         WORKER.num_layers = vllm_config.model_config.hf_config.num_hidden_layers
+        WORKER.fault_label = os.environ.get("LOCALIST_FAULT_LABEL") or None
         WORKER.rows.clear()
 
     def is_argmax_invariant(self) -> bool:
-        return True
+        return False  # a failed row is forced to its stop token, greedy or not
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        for row, state in WORKER.rows.items():
+            if state.failed is not None and state.stop_token is not None and row < logits.shape[0]:
+                # the lowest finite value, not −inf: a min_tokens mask on the stop token then leaves
+                # a valid (if arbitrary) distribution instead of nan, and the request still ends at max_tokens
+                logits[row] = torch.finfo(logits.dtype).min
+                logits[row, state.stop_token] = 0.0
         return logits
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
@@ -200,7 +225,7 @@ class LocalistRowState(LogitsProcessor):
     @staticmethod
     def _new_state(params, prompt_ids) -> RequestState | None:
         try:
-            state = parse_request(params.extra_args, prompt_ids, WORKER.num_layers)
+            state = parse_request(params.extra_args, prompt_ids, WORKER.num_layers, WORKER.fault_label)
         except BlockError as exc:
             # Only what the front end could not check lands here (spans against the prompt length,
             # per-layer list length): the request runs as stock and its record carries the error.
@@ -208,7 +233,13 @@ class LocalistRowState(LogitsProcessor):
             if isinstance(value, dict) and value.get("id"):
                 WORKER.record(str(value["id"])).error = str(exc)
             return None
-        if state is not None and state.keep_stats:
+        if state is None:
+            return None
+        # vLLM stops a request on its EOS (unless ignore_eos) or on a stop token id.
+        stops = ([params.eos_token_id] if params.eos_token_id is not None and not params.ignore_eos else []) + list(
+            params.stop_token_ids or ())
+        state.stop_token = stops[0] if stops else None
+        if state.keep_stats:
             rec = WORKER.record(state.request_id)
             rec.left_at = None
         return state
@@ -225,6 +256,10 @@ class LocalistWorkerExtension:
         return WORKER.take(request_id, since, release)
 
 
+class LocalistWorkerError(RuntimeError):
+    """The localist attention failed while serving the request; the worker ended it (the cause in str())."""
+
+
 @dataclass
 class RequestStats:
     """Per generated token (from ``since`` on) statistics [T, L, H, G] of the attention used."""
@@ -236,6 +271,8 @@ class RequestStats:
 
 
 def _to_stats(reply: dict[str, Any], request_id: str) -> RequestStats:
+    if reply.get("failure"):
+        raise LocalistWorkerError(reply["failure"])
     if reply.get("error"):
         raise BlockError(EXTRA_ARGS_KEY, f"request {request_id!r} ran without localist attention: {reply['error']}")
     tensors = {

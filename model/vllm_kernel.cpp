@@ -76,7 +76,7 @@ inline void axpy4(float* __restrict__ y, const T* __restrict__ x, const float* a
 
 template <typename T>
 void partials_impl(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& block_table,
-                   const at::Tensor& seq_lens, const at::Tensor& block_ids, int64_t G, bool k_transposed,
+                   const at::Tensor& seq_lens, const at::Tensor& block_ids, int64_t G,
                    double scale, at::Tensor& m_out, at::Tensor& s_out, at::Tensor& sw_out, at::Tensor& o_out) {
   const int64_t R = q.size(0), Hkv = q.size(1), Gq = q.size(2), D = q.size(3);
   const int64_t bs = kv.size(3) / D;
@@ -116,28 +116,21 @@ void partials_impl(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& 
       for (int64_t b = 0; b * bs < S && b < nblk; ++b) {
         const int64_t n = std::min(bs, S - b * bs);
         const T* base = kvp + (bt[r * nblk + b] * Hkv + h) * 2 * bs * D;
-        const T* K = base;            // [D, bs] if transposed, else [bs, D]
+        const T* K = base;            // [D, bs]: the vec layout (kv_layout.PagedKV.for_kernel)
         const T* V = base + bs * D;   // [bs, D]
         for (int64_t gi = 0; gi < Gq; ++gi) {
           float* x = scores.data() + gi * bs;
           const float* qq = qh + gi * D;
-          if (k_transposed) {  // K^T rows are contiguous over the block's tokens: vectorise over t
-            int64_t t0 = 0;  // 128, 64, then 16 scores stay in registers over the whole dot product
-            for (; t0 + 128 <= bs; t0 += 128) key_dots<128>(x + t0, K + t0, bs, qq, D);
-            for (; t0 + 64 <= bs; t0 += 64) key_dots<64>(x + t0, K + t0, bs, qq, D);
-            for (; t0 + 16 <= bs; t0 += 16) key_dots<16>(x + t0, K + t0, bs, qq, D);
-            for (int64_t t = t0; t < bs; ++t) {
-              float acc = 0.f;
-              for (int64_t d = 0; d < D; ++d) acc += qq[d] * to_float(K[d * bs + t]);
-              x[t] = acc;
-            }
-          } else {
-            for (int64_t t = 0; t < bs; ++t) {
-              float acc = 0.f;
-              const T* kt = K + t * D;
-              for (int64_t d = 0; d < D; ++d) acc += qq[d] * to_float(kt[d]);
-              x[t] = acc;
-            }
+          // K^T rows are contiguous over the block's tokens: vectorise over t; 128, 64, then 16
+          // scores stay in registers over the whole dot product
+          int64_t t0 = 0;
+          for (; t0 + 128 <= bs; t0 += 128) key_dots<128>(x + t0, K + t0, bs, qq, D);
+          for (; t0 + 64 <= bs; t0 += 64) key_dots<64>(x + t0, K + t0, bs, qq, D);
+          for (; t0 + 16 <= bs; t0 += 16) key_dots<16>(x + t0, K + t0, bs, qq, D);
+          for (int64_t t = t0; t < bs; ++t) {
+            float acc = 0.f;
+            for (int64_t d = 0; d < D; ++d) acc += qq[d] * to_float(K[d * bs + t]);
+            x[t] = acc;
           }
           float bmax = neg_inf;
           for (int64_t t = 0; t < n; ++t) {
@@ -296,7 +289,7 @@ inline void pv_tile(const uint32_t* pp, const uint32_t* vt, int64_t D, int64_t p
 // block_table [R, nblk] int64; seq_lens [R] int64; block_ids [R, ≥ S] int64 (−1: skip).
 // Returns log_mass [R, Hkv, g, G], inner_entropy [R, Hkv, g, G], block outputs [R, Hkv, g, G, D].
 std::vector<at::Tensor> block_partials(at::Tensor q, at::Tensor kv_cache, at::Tensor block_table,
-                                       at::Tensor seq_lens, at::Tensor block_ids, int64_t G, bool k_transposed,
+                                       at::Tensor seq_lens, at::Tensor block_ids, int64_t G,
                                        double scale) {
   TORCH_CHECK(q.scalar_type() == at::kFloat && q.is_contiguous() && q.dim() == 4, "q: float32 [R, Hkv, g, D]");
   TORCH_CHECK(kv_cache.is_contiguous() && kv_cache.dim() == 4 && kv_cache.size(2) == 2, "kv_cache layout");
@@ -310,11 +303,11 @@ std::vector<at::Tensor> block_partials(at::Tensor q, at::Tensor kv_cache, at::Te
   auto sl = seq_lens.to(at::kLong).contiguous();
   auto ids = block_ids.to(at::kLong).contiguous();
   switch (kv_cache.scalar_type()) {
-    case at::kFloat: partials_impl<float>(q, kv_cache, bt, sl, ids, G, k_transposed, scale, m, s, sw, o); break;
+    case at::kFloat: partials_impl<float>(q, kv_cache, bt, sl, ids, G, scale, m, s, sw, o); break;
     case at::kBFloat16:
-      partials_impl<c10::BFloat16>(q, kv_cache, bt, sl, ids, G, k_transposed, scale, m, s, sw, o);
+      partials_impl<c10::BFloat16>(q, kv_cache, bt, sl, ids, G, scale, m, s, sw, o);
       break;
-    case at::kHalf: partials_impl<c10::Half>(q, kv_cache, bt, sl, ids, G, k_transposed, scale, m, s, sw, o); break;
+    case at::kHalf: partials_impl<c10::Half>(q, kv_cache, bt, sl, ids, G, scale, m, s, sw, o); break;
     default: TORCH_CHECK(false, "kv_cache dtype not supported: ", kv_cache.scalar_type());
   }
   return {m, sw, o};

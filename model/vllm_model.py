@@ -32,9 +32,10 @@ from vllm.model_executor.layers.attention.attention import unified_kv_cache_upda
 from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.utils import extract_layer_index
-from vllm.v1.attention.backends.cpu_attn import CPUAttentionMetadata
+from vllm.v1.attention.backends.cpu_attn import CPUAttentionMetadata, _get_attn_isa
 
 from localist.model.attention import NEG_INF, dial_mass, localist_attention, merge_block_partials
+from localist.model.kv_layout import PagedKV, require_supported
 from localist.model.vllm_engine import WORKER, RequestState
 
 log = logging.getLogger(__name__)
@@ -113,8 +114,17 @@ class _Prefill:
 @dataclass
 class _Plan:
     context: object
-    decode: _Decode | None
-    prefills: list[_Prefill]
+    states: list[RequestState]  # the localist requests of this step
+    decode: _Decode | None = None
+    prefills: list[_Prefill] = field(default_factory=list)
+    failed: bool = False  # the localist path raised: the rest of the step runs vLLM's own kernel
+
+    def fail(self, message: str) -> None:
+        """End every localist request of the step (the worker forces their stop token), keep the cause."""
+        log.error("localist: %s; ending %d localist request(s) of this step", message, len(self.states))
+        for state in self.states:
+            WORKER.fail(state, message)
+        self.failed = True
 
 
 _current: list = [None, None]  # [forward context, plan] of the step in progress
@@ -150,10 +160,23 @@ def _spans(block_ids: torch.Tensor) -> list[tuple[int, int, int]]:
 
 
 def _build_plan(context, meta, block_size: int) -> _Plan | None:
+    """The step's plan; None when no localist request is in the batch (a request whose localist path
+    failed runs as stock until its forced stop token ends it)."""
     num_reqs = meta.seq_lens.shape[0]
-    rows = WORKER.rows
-    if not any(r < num_reqs for r in rows):
+    rows = {r: state for r, state in WORKER.rows.items() if r < num_reqs and state.failed is None}
+    if not rows:
         return None
+    plan = _Plan(context, list(rows.values()))
+    try:
+        plan.decode, plan.prefills = _row_work(meta, rows, block_size)
+    except Exception as exc:  # noqa: BLE001 — whatever it is, it must not reach the engine loop
+        plan.fail(f"localist could not plan the step: {type(exc).__name__}: {exc}")
+    return plan
+
+
+def _row_work(meta, rows: dict[int, RequestState], block_size: int) -> tuple[_Decode | None, list[_Prefill]]:
+    """The decode group and the prefill rows of one step, from vLLM's metadata and the row table."""
+    num_reqs = meta.seq_lens.shape[0]
     qsl = meta.query_start_loc.tolist()
     seq_lens = meta.seq_lens.tolist()
     decode_rows = [r for r in range(num_reqs) if qsl[r + 1] - qsl[r] == 1]
@@ -194,7 +217,7 @@ def _build_plan(context, meta, block_size: int) -> _Plan | None:
             rho=torch.stack([rho for _, _, rho in inputs], 1),
             keep=keep,
         )
-    return _Plan(context, decode, prefills)
+    return decode, prefills
 
 
 def _flush(plan: _Plan) -> None:
@@ -214,7 +237,6 @@ class LocalistAttentionLayer(Attention):
     """vLLM's ``Attention`` with localist attention for batches that hold localist requests."""
 
     localist_layer: int
-    _k_transposed: bool | None = None
 
     def forward(self, query, key, value, output_shape=None, output_dtype=None):
         context = get_forward_context()
@@ -225,104 +247,78 @@ class LocalistAttentionLayer(Attention):
         if _current[0] is not context:
             _current[0], _current[1] = context, _build_plan(context, meta, self.kv_cache.shape[2])
         plan: _Plan | None = _current[1]
-        if plan is None:
+        if plan is None or plan.failed:
+            return super().forward(query, key, value, output_shape, output_dtype)
+        try:
+            return self._localist_forward(plan, meta, query, key, value, output_dtype)
+        except Exception as exc:  # noqa: BLE001 — one failure ends its requests, never the engine
+            plan.fail(f"localist attention failed in layer {self.layer_name}: {type(exc).__name__}: {exc}")
             return super().forward(query, key, value, output_shape, output_dtype)
 
+    def _localist_forward(self, plan: _Plan, meta, query, key, value, output_dtype):
+        if any(state.inject_fault for state in plan.states):
+            raise RuntimeError("localist: injected fault (LOCALIST_FAULT_LABEL)")
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_size
         q = query.view(-1, H, D)
         k, v = key.view(-1, Hkv, D), value.view(-1, Hkv, D)
         unified_kv_cache_update(k, v, self.layer_name)  # vLLM's own write: the layout stays vLLM's
-        k_cache, v_cache = self._paged_views(k, meta)
+        cache = PagedKV(self.kv_cache, self.isa)
+        if self.localist_layer == 0:  # once per step: the cache holds what vLLM was asked to write
+            n = meta.num_actual_tokens
+            cache.check(k[:n], v[:n], meta.slot_mapping, self.layer_name)
 
         out = torch.zeros(q.shape, dtype=output_dtype or query.dtype, device=query.device)
         layer = self.localist_layer
         if plan.decode is not None:
             kernel = paged_kernel()
             if kernel is not None:
-                self._decode_kernel(kernel, plan.decode, q, out, layer)
+                self._decode_kernel(kernel, plan.decode, q, cache, out, layer)
             else:
-                self._decode(plan.decode, q, k_cache, v_cache, out, layer)
+                self._decode(plan.decode, q, cache, out, layer)
         for p in plan.prefills:
-            self._prefill(p, q, k, v, k_cache, v_cache, out, layer)
+            self._prefill(p, q, k, v, cache, out, layer)
         if layer == WORKER.num_layers - 1:
             _flush(plan)
         return out.view(q.shape[0], H * D)
 
-    def _paged_views(self, k: torch.Tensor, meta) -> tuple[torch.Tensor, torch.Tensor]:
-        """K as [blocks, kv heads, D, block] (transposed per cache block) and V as [blocks, kv heads, block, D].
-
-        The CPU kernel's K layout inside a block depends on the ISA: detect it once from what vLLM
-        just wrote at ``slot_mapping``, and check it again on every step of the first layer; a
-        mismatch is an error, never silently wrong attention.
-        """
-        cache = self.kv_cache
-        nb, Hkv, bs, two_d = cache.shape
-        D = two_d // 2
-        raw = cache.view(nb, Hkv, 2, bs * D)
-        v_cache = raw[:, :, 1].unflatten(-1, (bs, D))
-        check = self._k_transposed is None or self.localist_layer == 0
-        layouts = [self._k_transposed] if self._k_transposed is not None else [True, False]
-        for transposed in layouts:
-            k_cache = raw[:, :, 0].unflatten(-1, (D, bs) if transposed else (bs, D))
-            if transposed is False:
-                k_cache = k_cache.transpose(-1, -2)
-            if not check or self._written_matches(k_cache, k, meta):
-                self._k_transposed = transposed
-                return k_cache, v_cache
-        raise RuntimeError(
-            f"localist: cannot read K back from vLLM's paged cache in layer {self.layer_name} "
-            f"(ISA {getattr(self, 'isa', '?')}): the cache layout is not the one this reader knows"
-        )
-
-    @staticmethod
-    def _written_matches(k_cache: torch.Tensor, k: torch.Tensor, meta) -> bool:
-        n = meta.num_actual_tokens
-        slots = meta.slot_mapping[:n].long()
-        bs = k_cache.shape[-1]
-        read = k_cache[slots // bs, :, :, slots % bs]  # [n, Hkv, D]
-        return torch.equal(read, k[:n])
-
-    def _decode(self, d: _Decode, q, k_cache, v_cache, out, layer: int) -> None:
+    def _decode(self, d: _Decode, q, cache: PagedKV, out, layer: int) -> None:
         R, nblk = d.block_index.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_size
         g = H // Hkv
-        keys = k_cache[d.block_index].permute(0, 2, 3, 1, 4).reshape(R, Hkv, D, -1)  # [R, Hkv, D, T]
-        values = v_cache[d.block_index].permute(0, 2, 1, 3, 4).reshape(R, Hkv, -1, D)  # [R, Hkv, T, D]
+        keys, values = (x.transpose(1, 2).reshape(R, Hkv, -1, D) for x in cache.blocks(d.block_index))  # [R, Hkv, T, D]
         queries = q[d.query_index].view(R, Hkv, g, D)  # grouped heads share their K/V (no repeat)
         visible = (d.block_ids >= 0).unsqueeze(1).expand(R, g, -1)
         o, st = localist_attention(
-            queries, keys.transpose(-1, -2), values, d.block_ids, d.rho[layer], d.pinned, self.impl.scale,
-            key_visible=visible,
+            queries, keys, values, d.block_ids, d.rho[layer], d.pinned, self.impl.scale, key_visible=visible,
         )
         out[d.query_index] = o.reshape(R, H, D).to(out.dtype)
         if d.keep:
             d.stats.append(torch.stack([st.log_mass, st.mass, st.inner_entropy]).view(3, R, H, -1))
 
-    def _decode_kernel(self, kernel, d: _Decode, q, out, layer: int) -> None:
+    def _decode_kernel(self, kernel, d: _Decode, q, cache: PagedKV, out, layer: int) -> None:
         """One pass over the paged cache in C++ (per-block partials), merged by the dial in Python."""
         R, G = d.pinned.shape
         H, D = self.num_heads, self.head_size
         log_mass, inner_entropy, partial = self._block_partials(
-            kernel, q[d.rows], d.block_index, d.seq_lens, d.block_ids, G)
+            kernel, cache, q[d.rows], d.block_index, d.seq_lens, d.block_ids, G)
         merged, mass = merge_block_partials(partial, log_mass, d.layer_rho[layer], d.pinned_view, finite=True)
         out[d.rows] = merged.view(R, H, D)
         if d.keep:
             d.stats.append(torch.stack([log_mass, mass, inner_entropy]).view(3, R, H, G))
 
-    def _block_partials(self, kernel, queries, block_index, seq_lens, block_ids, G: int):
+    def _block_partials(self, kernel, cache: PagedKV, queries, block_index, seq_lens, block_ids, G: int):
         """The split-KV kernel over this layer's paged cache for R rows of one query each ([R, H, D]):
         per block the log-mass, the inner entropy and the block's own output."""
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_size
-        cache = self.kv_cache
-        return kernel.block_partials(
-            queries.reshape(-1, Hkv, H // Hkv, D).float().contiguous(), cache.view(cache.shape[0], Hkv, 2, -1),
-            block_index, seq_lens, block_ids, G, bool(self._k_transposed), float(self.impl.scale))
+        kv, table = cache.for_kernel(block_index)
+        return kernel.block_partials(queries.reshape(-1, Hkv, H // Hkv, D).float().contiguous(), kv, table,
+                                     seq_lens, block_ids, G, float(self.impl.scale))
 
-    def _prefill(self, p: _Prefill, q, k, v, k_cache, v_cache, out, layer: int) -> None:
+    def _prefill(self, p: _Prefill, q, k, v, cache: PagedKV, out, layer: int) -> None:
         rows = q[p.query_start: p.query_start + p.query_len]  # [Tq, H, D]
         rho = p.rho[layer]
         # The row's K/V, only where something reads them besides vLLM's kernel or ours over the cache.
-        kv = self._row_kv(p, k, v, k_cache, v_cache) if float(rho) != 0.0 or paged_kernel() is None else None
+        kv = self._row_kv(p, k, v, cache) if float(rho) != 0.0 or paged_kernel() is None else None
         if float(rho) == 0.0:
             # ρ = 0 is the base attention: vLLM's own CPU attention for this row (the stock computation;
             # SPEC §8: ρ = 0 pays only the metrics).
@@ -331,16 +327,15 @@ class LocalistAttentionLayer(Attention):
         else:
             self._prefill_blocks(p, rows, *kv, rho, out)
         if p.keep is not None:
-            p.stats.append(self._last_query_stats(p, rows[-1], kv, rho))
+            p.stats.append(self._last_query_stats(p, rows[-1], cache, kv, rho))
 
-    def _row_kv(self, p: _Prefill, k, v, k_cache, v_cache) -> tuple[torch.Tensor, torch.Tensor]:
+    def _row_kv(self, p: _Prefill, k, v, cache: PagedKV) -> tuple[torch.Tensor, torch.Tensor]:
         """The row's keys and values [Hkv, S, D]: the fresh ones, or read back from the paged cache
         when earlier chunks of the prompt are cached."""
-        Hkv, D, S = self.num_kv_heads, self.head_size, p.seq_len
+        S = p.seq_len
         if S == p.query_len:  # nothing cached before this chunk: the fresh K/V are all the keys
             return k[p.query_start: p.query_start + S].transpose(0, 1), v[p.query_start: p.query_start + S].transpose(0, 1)
-        keys = k_cache[p.block_index].permute(1, 0, 3, 2).reshape(Hkv, -1, D)[:, :S].contiguous()
-        return keys, v_cache[p.block_index].permute(1, 0, 2, 3).reshape(Hkv, -1, D)[:, :S]
+        return cache.tokens(p.block_index, S)
 
     def _stock_metadata(self, p: _Prefill) -> CPUAttentionMetadata:
         """vLLM's CPU attention metadata for this row alone (made by the first ρ = 0 layer of the step)."""
@@ -415,7 +410,7 @@ class LocalistAttentionLayer(Attention):
                 merged[i:].addcmul_(o, mass[g, :, i:].t().unsqueeze(-1))
             target.copy_(merged)
 
-    def _last_query_stats(self, p: _Prefill, query, kv, rho) -> torch.Tensor:
+    def _last_query_stats(self, p: _Prefill, query, cache: PagedKV, kv, rho) -> torch.Tensor:
         """[3, H, G] statistics of the row's last query (the one that produces a token).
 
         Through the split-KV kernel over the paged cache (vLLM has written this chunk's K/V before
@@ -426,7 +421,7 @@ class LocalistAttentionLayer(Attention):
         kernel = paged_kernel()
         if kernel is not None:
             log_mass, inner_entropy, _ = self._block_partials(
-                kernel, query[None], p.block_index[None], torch.tensor([p.seq_len]), p.block_ids[None], G)
+                kernel, cache, query[None], p.block_index[None], torch.tensor([p.seq_len]), p.block_ids[None], G)
             mass = dial_mass(log_mass, rho, p.pinned)
             return torch.stack([log_mass, mass, inner_entropy]).view(3, H, G)
         visible = torch.ones(1, g, p.seq_len, dtype=torch.bool)  # the last query sees every key
@@ -441,8 +436,13 @@ def _localize(model: torch.nn.Module, vllm_config) -> None:
     """Swap every vLLM attention layer of ``model`` for the localist one (weights untouched)."""
     if not vllm_config.model_config.enforce_eager:
         raise ValueError("enforce_eager: localist models run their attention eagerly; start vLLM with enforce_eager=True")
+    cache_config = vllm_config.cache_config
     for module in model.modules():
         if type(module) is Attention:
+            # the KV-cache layout vLLM's CPU attention will pick for this layer (it sets layer.isa later)
+            isa = _get_attn_isa(vllm_config.model_config.dtype, cache_config.block_size, module.head_size,
+                                cache_config.cache_dtype)
+            require_supported(isa, cache_config.cache_dtype)
             module.__class__ = LocalistAttentionLayer
             module.localist_layer = extract_layer_index(module.layer_name)
     paged_kernel()  # build (first start on a host) or load it now, not on the first request

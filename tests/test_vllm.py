@@ -287,16 +287,16 @@ def test_records_of_departed_requests_expire():
 
 
 @pytest.mark.parametrize("bs", [32, 80, 128], ids=["block-32", "block-80", "block-128"])  # the 16-, 64- and 128-key dot paths
-@pytest.mark.parametrize("transposed", [True, False], ids=["k-transposed", "k-plain"])
 @pytest.mark.parametrize("H, Hkv, D, G, q_scale", [(8, 2, 32, 5, 2.0), (4, 4, 64, 12, 2.0), (4, 4, 64, 12, 60.0)],
                          ids=["gqa-d32", "mha-d64-12-blocks", "saturated"])
-def test_paged_kernel_equals_torch_path(transposed, bs, H, Hkv, D, G, q_scale):
+def test_paged_kernel_equals_torch_path(bs, H, Hkv, D, G, q_scale):
     """Decode over a random paged cache: C++ per-block partials + merge == localist_attention on a gather.
 
     "saturated": scores spread over hundreds of nats, as in a trained model whose heads sit on one
     token, so some blocks' sums are subnormal against the row max (their 1/s overflowed once)."""
     from types import SimpleNamespace
 
+    from localist.model.kv_layout import PagedKV
     from localist.model.vllm_model import LocalistAttentionLayer, _Decode, paged_kernel
 
     kernel = paged_kernel()
@@ -306,12 +306,8 @@ def test_paged_kernel_equals_torch_path(transposed, bs, H, Hkv, D, G, q_scale):
     layer = LocalistAttentionLayer.__new__(LocalistAttentionLayer)
     torch.nn.Module.__init__(layer)
     layer.num_heads, layer.num_kv_heads, layer.head_size = H, Hkv, D
-    layer.impl, layer._k_transposed, layer.localist_layer = SimpleNamespace(scale=D ** -0.5), transposed, 0
-    layer.kv_cache = torch.randn(nb, Hkv, bs, 2 * D)
-    raw = layer.kv_cache.view(nb, Hkv, 2, bs * D)
-    k_cache = raw[:, :, 0].unflatten(-1, (D, bs) if transposed else (bs, D))
-    k_cache = k_cache if transposed else k_cache.transpose(-1, -2)
-    v_cache = raw[:, :, 1].unflatten(-1, (bs, D))
+    layer.impl, layer.localist_layer = SimpleNamespace(scale=D ** -0.5), 0
+    cache = PagedKV(torch.randn(nb, Hkv, bs, 2 * D), "vec")  # every layout reads as this one (test_kv_layout)
 
     seq_lens = torch.tensor([70, 5, 128, 33])
     R, nblk = len(seq_lens), 4
@@ -332,9 +328,9 @@ def test_paged_kernel_equals_torch_path(transposed, bs, H, Hkv, D, G, q_scale):
         d = _Decode(torch.arange(R), seq_lens, block_index, block_ids, pinned, rho, keep=[(0, "x", 0, G)])
         out = torch.zeros(R, H, D)
         if use_kernel:
-            layer._decode_kernel(kernel, d, q, out, 0)
+            layer._decode_kernel(kernel, d, q, cache, out, 0)
         else:
-            layer._decode(d, q, k_cache, v_cache, out, 0)
+            layer._decode(d, q, cache, out, 0)
         return out, d.stats[0]
 
     out_k, st_k = decode(True)
@@ -375,6 +371,7 @@ def test_blockwise_prefill_equals_torch_path(monkeypatch, budget, cached, merge)
 
     import localist.model.vllm_model as vm
     from localist.model.attention import localist_attention
+    from localist.model.kv_layout import PagedKV
     from localist.model.vllm_model import LocalistAttentionLayer, _Prefill, _spans
 
     monkeypatch.setattr(vm, "_PREFILL_BUDGET", budget)  # 3-query chunks: blocks start before, at and inside chunks
@@ -392,13 +389,10 @@ def test_blockwise_prefill_equals_torch_path(monkeypatch, budget, cached, merge)
                         lambda: SimpleNamespace(model_config=SimpleNamespace(dtype=torch.float32)))
     layer.impl = cpu_attn.CPUAttentionBackendImpl(H, D, D ** -0.5, Hkv, None, None, "auto")
     layer.isa, layer._k_scale_float, layer._v_scale_float = cpu_attn._get_attn_isa(torch.float32, bs, D), 1.0, 1.0
-    layer.kv_cache, layer._k_transposed = torch.randn(nb, Hkv, bs, 2 * D), True  # the kernel reads the raw cache
-    raw = layer.kv_cache.view(nb, Hkv, 2, bs * D)
-    k_cache = raw[:, :, 0].unflatten(-1, (D, bs))  # K transposed per cache block, as _paged_views returns it
-    v_cache = raw[:, :, 1].unflatten(-1, (bs, D))
+    layer.kv_cache = torch.randn(nb, Hkv, bs, 2 * D)
+    cache = PagedKV(layer.kv_cache, layer.isa)
     S, block_index = 90, torch.randperm(nb)[:6]
-    keys = k_cache[block_index].permute(1, 0, 3, 2).reshape(Hkv, -1, D)[:, :S]
-    values = v_cache[block_index].permute(1, 0, 2, 3).reshape(Hkv, -1, D)[:, :S]
+    keys, values = cache.tokens(block_index, S)
     ids = torch.zeros(S, dtype=torch.long)
     for cut in [1, 9, 36, 41, 42, 70]:  # a block ends at the chunked-prefill boundary, one is 1 token
         ids[cut:] += 1
@@ -413,7 +407,7 @@ def test_blockwise_prefill_equals_torch_path(monkeypatch, budget, cached, merge)
     for layer_index in range(len(rho)):
         p = _Prefill(0, Tq, S, block_index, ids, _spans(ids), pinned, rho, keep=("x", 0))
         out = torch.zeros(Tq, H, D)
-        layer._prefill(p, q, k_fresh, v_fresh, k_cache, v_cache, out, layer_index)
+        layer._prefill(p, q, k_fresh, v_fresh, cache, out, layer_index)
         positions = torch.arange(cached, S)
         visible = (torch.arange(S).unsqueeze(0) <= positions.unsqueeze(1)).unsqueeze(0)
         want, st = localist_attention(q.transpose(0, 1)[None], keys[None], values[None], ids[None],

@@ -74,6 +74,7 @@ def test_bf16_prefill_equals_oracle(monkeypatch, budget, cached):
     """The layer's bf16 prefill through block_prefill + dial_mass + merge_blocks == localist_attention
     in float32 on the same bf16 K/V, for ρ = 0.6, 1 and 0.95 with two pinned blocks."""
     import localist.model.vllm_model as vm
+    from localist.model.kv_layout import PagedKV
     from localist.model.vllm_model import LocalistAttentionLayer, _Prefill, _spans
 
     kernel = _kernel()
@@ -95,12 +96,9 @@ def test_bf16_prefill_equals_oracle(monkeypatch, budget, cached):
     torch.nn.Module.__init__(layer)
     layer.num_heads, layer.num_kv_heads, layer.head_size = H, Hkv, D
     layer.impl = SimpleNamespace(scale=D ** -0.5)
-    layer.kv_cache, layer._k_transposed = torch.randn(nb, Hkv, bs, 2 * D).bfloat16(), True
-    raw = layer.kv_cache.view(nb, Hkv, 2, bs * D)
-    k_cache, v_cache = raw[:, :, 0].unflatten(-1, (D, bs)), raw[:, :, 1].unflatten(-1, (bs, D))
+    cache = PagedKV(torch.randn(nb, Hkv, bs, 2 * D).bfloat16(), "vec")
     block_index = torch.randperm(nb)[:10]
-    keys = k_cache[block_index].permute(1, 0, 3, 2).reshape(Hkv, -1, D)[:, :S]
-    values = v_cache[block_index].permute(1, 0, 2, 3).reshape(Hkv, -1, D)[:, :S]
+    keys, values = cache.tokens(block_index, S)
     ids = _ids(S, [1, 9, 36, 41, 42, 140])  # block [42, 140) spans several key tiles
     G = 7 + 1
     pinned = torch.zeros(G, dtype=torch.bool)
@@ -114,7 +112,7 @@ def test_bf16_prefill_equals_oracle(monkeypatch, budget, cached):
         rho_t = torch.full((1,), rho)
         p = _Prefill(0, Tq, S, block_index, ids, _spans(ids), pins, rho_t, keep=None)
         out = torch.zeros(Tq, H, D, dtype=torch.bfloat16)
-        layer._prefill(p, q, k_fresh, v_fresh, k_cache, v_cache, out, 0)
+        layer._prefill(p, q, k_fresh, v_fresh, cache, out, 0)
         assert sum(calls) == Tq and (len(calls) > 1) == (budget < Tq * H * G * D)
         visible = (torch.arange(S).unsqueeze(0) <= torch.arange(cached, S).unsqueeze(1)).unsqueeze(0)
         want, _ = localist_attention(q.float().transpose(0, 1)[None], keys.float()[None], values.float()[None],
