@@ -10,7 +10,7 @@ import re
 NO_RULE = "no rule applies"
 
 SYSTEM = (
-    "You are a compliance assistant. Decide the case in the question using only the numbered rules "
+    "You are a compliance assistant. Decide the case in the question using only the labelled rules "
     "given. Answer in one line: \"Outcome: <outcome>. Rule: <rule label>.\", where the outcome is one "
     "of the possible outcomes listed. If no rule covers the case, answer \"Outcome: no rule applies.\""
 )

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 
 from localist.model.rulebooks import phrasing as P
 from localist.model.rulebooks.answers import NO_RULE, format_answer
-from localist.model.rulebooks.domains import DOMAIN_SPLITS, DOMAINS, Domain
+from localist.model.rulebooks.domains import CLASSES, DOMAIN_SPLITS, DOMAINS, Domain
 
 SPLITS = ("train", "validation", "test")
-QUESTIONS_PER_BOOK = 4
+QUESTIONS_PER_BOOK = len(CLASSES) + 1  # one per outcome class, one that no rule covers
 NAMES = (
     ["Maria", "Jonas", "Aisha", "Tomasz", "Lucia", "Kenji", "Fatima", "Oliver", "Ingrid", "Mateo", "Priya",
      "Samuel", "Elif", "Nikolai", "Grace", "Hamid", "Chiara", "Daniel", "Amara", "Lars", "Mei", "Pedro"],
@@ -239,23 +239,19 @@ class _Facts:
         if isinstance(c, FlagIs):
             return self.fix(c.flag, c.value if holds else not c.value)
         lo, hi = self.bounds[c.quantity]
-        above = c.greater == holds
-        lo, hi = (max(lo, c.value + self.fine(c.quantity)), hi) if above else (lo, min(hi, c.value - self.fine(c.quantity)))
+        fine = self.fine(c.quantity)
+        if c.greater == holds:  # the value must lie above the threshold
+            lo = max(lo, c.value + fine)
+        else:
+            hi = min(hi, c.value - fine)
         if lo > hi:
             return False
         self.bounds[c.quantity] = (lo, hi)
         return True
 
     def fix(self, flag: str, value: bool) -> bool:
-        if self.flags.setdefault(flag, value) != value:
-            return False
-        return True
-
-    def could_fail(self, c: Condition) -> bool:
-        if isinstance(c, FlagIs):
-            return self.flags.get(c.flag, not c.value) != c.value
-        lo, hi = self.bounds[c.quantity]
-        return (lo < c.value) if c.greater else (hi > c.value)
+        """Fix a flag; False if it is already fixed the other way."""
+        return self.flags.setdefault(flag, value) == value
 
     def sample(self, name: str, kind: int, rng: random.Random) -> Case | None:
         """Draw the facts within the constraints, never on a threshold (prose is vague there)."""
@@ -274,18 +270,12 @@ def _exclude(facts: _Facts, rule: Rule, kind: int, rng: random.Random) -> bool:
     """Constrain the facts so that ``rule`` cannot apply; False if impossible."""
     if rule.scope is not None and rule.scope != kind:
         return True
-    ways: list[tuple[Condition, bool] | str] = [(c, False) for c in rule.conditions if facts.could_fail(c)]
+    ways = [(c, False) for c in rule.conditions]
     exc = rule.exception
-    if exc is not None and exc.alt is None and facts.flags.get(exc.flag, exc.value) == exc.value:
-        ways.append("void")
+    if exc is not None and exc.alt is None:
+        ways.append((FlagIs(exc.flag, exc.value), True))  # the exception that voids the rule
     rng.shuffle(ways)
-    for way in ways:
-        if way == "void":
-            return facts.fix(exc.flag, exc.value)
-        c, holds = way
-        if facts.require(c, holds):
-            return True
-    return False
+    return any(facts.require(c, holds) for c, holds in ways)
 
 
 def _solve(book: Rulebook, target: tuple[Rule, bool] | None, name: str, rng: random.Random) -> Case | None:
@@ -323,22 +313,28 @@ def _question(book: Rulebook, case: Case, phrasing: str, rng: random.Random) -> 
     return P.question_text(phrasing, [intro, *facts], rng)
 
 
-def make_book_examples(seed: int, split: str, book: int) -> list[Example]:
-    """The ``QUESTIONS_PER_BOOK`` examples about rulebook ``book`` of ``split``."""
-    domains = split_domains(split, book)
-    phrasing = P.phrasing_of(split)
+def _solved_rulebook(seed: int, split: str, book: int, phrasing: str
+                     ) -> tuple[Rulebook, list[tuple[Case, tuple[Rule, int] | None]], random.Random]:
+    """Rulebook ``book`` of the split, a case for each of its questions, and the generator to go on with."""
     for attempt in range(100):
         rng = random.Random(f"localist-rulebooks:{seed}:{split}:{book}:{attempt}")
-        domain = DOMAINS[rng.choice(domains)]
-        rulebook = make_rulebook(domain, phrasing, rng)
-        wanted: list[int | None] = [0, 1, 2, None]
+        rulebook = make_rulebook(DOMAINS[rng.choice(split_domains(split, book))], phrasing, rng)
+        wanted: list[int | None] = [*range(len(CLASSES)), None]
         rng.shuffle(wanted)
-        names = [f"{first} {last}" for first, last in zip(rng.sample(NAMES[0], 4), rng.sample(NAMES[1], 4))]
-        cases = [_case_for(rulebook, cls, name, rng) for cls, name in zip(wanted, names)]
-        if all(c is not None for c in cases):
-            break
-    else:
-        raise RuntimeError(f"no solvable rulebook for {split} book {book}")
+        names = [f"{first} {last}" for first, last in zip(rng.sample(NAMES[0], len(wanted)),
+                                                          rng.sample(NAMES[1], len(wanted)))]
+        solved = [_case_for(rulebook, cls, name, rng) for cls, name in zip(wanted, names)]
+        cases = [c for c in solved if c is not None]
+        if len(cases) == len(solved):
+            return rulebook, cases, rng
+    raise RuntimeError(f"no solvable rulebook for {split} book {book}")
+
+
+def make_book_examples(seed: int, split: str, book: int) -> list[Example]:
+    """The ``QUESTIONS_PER_BOOK`` examples about rulebook ``book`` of ``split``."""
+    phrasing = P.phrasing_of(split)
+    rulebook, cases, rng = _solved_rulebook(seed, split, book, phrasing)
+    domain = rulebook.domain
     blocks = tuple(RuleBlock(r.label, r.text) for r in rulebook.rules)
     out = []
     for q, (case, target) in enumerate(cases):
@@ -351,7 +347,8 @@ def make_book_examples(seed: int, split: str, book: int) -> list[Example]:
     return out
 
 
-def _case_for(book: Rulebook, cls: int | None, name: str, rng: random.Random):
+def _case_for(book: Rulebook, cls: int | None, name: str, rng: random.Random
+              ) -> tuple[Case, tuple[Rule, int] | None] | None:
     """(case, (target rule, class)) for a wanted class, (case, None) for no rule; None if unsolvable."""
     for _ in range(20):
         way = None if cls is None else rng.choice(_ways_to(book, cls))

@@ -15,7 +15,7 @@ from localist.model.rulebooks.domains import DOMAIN_SPLITS, DOMAINS, Domain, Qua
 
 # A rule: {scope} is a plural noun phrase ("car loans"), {cond} one or two conditions (joined by
 # the phrasing's joiner), {outcome} the clause stating the decision; capitalised slots start a sentence.
-RULE_FRAMES = {
+RULE_FRAMES: dict[str, tuple[str, ...]] = {
     "train": (
         "For {scope}: if {cond}, {outcome}.",
         "If {cond}, {outcome}. This rule covers {scope}.",
@@ -28,16 +28,16 @@ RULE_FRAMES = {
         "Where {cond}, {outcome}; this covers {scope}.",
     ),
     "test": (
-        "Provided that {cond}, {outcome}; this provision concerns {scope} only.",
+        "Provided that {cond}, {outcome}; this provision concerns {scope}.",
         "This provision governs {scope}: in any situation in which {cond}, {outcome}.",
         "{Outcome} as soon as it is established that {cond}, with regard to {scope}.",
     ),
 }
 # How a rule joins two conditions.
-JOINERS = {"train": " and ", "test": " and, at the same time, "}
+JOINERS: dict[str, str] = {"train": " and ", "test": " and, at the same time, "}
 # Exceptions wrap a whole rule ({rule}: its text without the final full stop). "void": the rule
 # does not apply when {flag} holds; "alt": it applies with another outcome, {alt}.
-EXCEPTION_FRAMES = {
+EXCEPTION_FRAMES: dict[str, dict[str, tuple[str, ...]]] = {
     "train": {
         "void": ("{rule}, unless {flag}.", "{rule}. This does not apply if {flag}.",
                  "{rule}. Exception: the rule does not apply when {flag}."),
@@ -49,7 +49,7 @@ EXCEPTION_FRAMES = {
     },
 }
 # The question block: {facts} is the case, a few sentences.
-QUESTION_FRAMES = {
+QUESTION_FRAMES: dict[str, tuple[str, ...]] = {
     "train": (
         "Case: {facts} Which rule applies, and what is the outcome?",
         "{facts} Decide the case and name the rule it rests on.",
@@ -62,7 +62,7 @@ QUESTION_FRAMES = {
     ),
 }
 # One fact of the case: a quantity ({Noun} with the person's name for {who}), an age, or a flag.
-FACT_FRAMES = {
+FACT_FRAMES: dict[str, dict[str, tuple[str, ...]]] = {
     "train": {
         "value": ("{Noun} is {value}.", "{Noun}: {value}."),
         "age": ("{Noun} is {value} years old.", "{Noun} is aged {value}."),
@@ -78,7 +78,7 @@ FACT_FRAMES = {
 # "greater than", the words for "less than"). The negated forms ("is not less than") are exact here
 # because a case value never equals a threshold.
 _GREATER, _LESS = ("exceeds", "goes beyond"), ("falls short of", "does not reach")
-COMPARISONS = {
+COMPARISONS: dict[str, dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
     "train": {
         "money": (("is more than", "is above", "is over", "is not less than"),
                   ("is less than", "is below", "is under", "is not more than")),
