@@ -1,7 +1,7 @@
 """The app factory: FastAPI front, vLLM engine and audit store in one process.
 
 ``create_app(settings)`` builds the app without starting anything (so ``app.openapi()`` works
-anywhere); the lifespan starts the engine, opens the store and decides dev mode.
+anywhere); the lifespan opens the store, starts with keys or in dev mode, and starts the engine.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from fastapi import FastAPI
 
 from localist.model.blocks import MAX_BLOCKS
 from localist.server import errors
-from localist.server.auth import Limiter
+from localist.server.auth import DevMode, Limiter
 from localist.server.observability import Metrics, RequestIdMiddleware
 from localist.server.routers import audit, keys, ops, openai_api
 
@@ -42,6 +42,8 @@ class Settings:
     default_rho: float = 0.0
     max_blocks: int = MAX_BLOCKS
     admin_token: str | None = None  # imported as an admin key at start-up (LOCALIST_ADMIN_KEY)
+    host: str | None = None  # the address served on; None (not known) counts as reachable from the network
+    allow_dev_mode_on_network: bool = False  # else dev mode on a non-loopback host refuses to start
     seed: int = 0
     ready_message: str | None = None  # printed once the engine is up (how to call the server)
 
@@ -58,18 +60,12 @@ def _open_store(settings: Settings):
     )
 
 
-async def decide_dev_mode(store, settings: Settings) -> bool:
-    """Import the bootstrap admin key if configured; with no active key at all, run in dev mode (loudly)."""
+async def start_auth(store, settings: Settings) -> DevMode:
+    """Import the bootstrap admin key if configured, then start with keys or in dev mode (auth.DevMode)."""
     if settings.admin_token:
         await store.acreate_key(tenant="admin", name="bootstrap admin (LOCALIST_ADMIN_KEY)", admin=True,
                                 token=settings.admin_token, actor="startup")
-    if await store.alist_keys(include_revoked=False):
-        return False
-    log.warning("=" * 78)
-    log.warning("LOCAL DEV MODE: no API key is configured. Every caller is the admin of tenant "
-                "'default'. Create keys with `localist keys create` to turn authentication on.")
-    log.warning("=" * 78)
-    return True
+    return await DevMode.start(store, host=settings.host, allow_on_network=settings.allow_dev_mode_on_network)
 
 
 @asynccontextmanager
@@ -79,7 +75,11 @@ async def lifespan(app: FastAPI):
     settings: Settings = app.state.settings
     store = _open_store(settings)
     app.state.store = store
-    app.state.dev_mode = await decide_dev_mode(store, settings)
+    try:
+        app.state.dev_mode = await start_auth(store, settings)
+    except BaseException:
+        store.close()  # a refused start leaves no signer thread behind
+        raise
     engine = Engine(EngineConfig(settings.model_dir, settings.model_name, settings.max_model_len,
                                  settings.stand_in, settings.seed))
     engine.start()
@@ -103,7 +103,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = Metrics()
     app.state.limiter = Limiter()
-    app.state.dev_mode = False
     app.state.background = set()
     errors.install(app)
     app.add_middleware(RequestIdMiddleware, metrics=app.state.metrics)
@@ -129,6 +128,8 @@ def settings_from_env() -> Settings:
         default_rho=float(env.get("LOCALIST_DEFAULT_RHO", "0")),
         max_blocks=int(env.get("LOCALIST_MAX_BLOCKS", str(MAX_BLOCKS))),
         admin_token=env.get("LOCALIST_ADMIN_KEY") or None,
+        host=env.get("LOCALIST_HOST") or None,
+        allow_dev_mode_on_network=env.get("LOCALIST_ALLOW_DEV_MODE_ON_NETWORK") == "1",
     )
 
 

@@ -374,7 +374,8 @@ class Health(_Response):
     engine: Literal["running", "dead"]
     engine_requests: int = Field(description="Requests unfinished in the engine (running or waiting).")
     audit_store: Literal["ok", "error"]
-    dev_mode: bool = Field(description="No API key configured: every caller is the admin of tenant `default`.")
+    dev_mode: bool = Field(description="Local dev mode: the audit store has never held an API key, so every caller "
+                           "is the admin of tenant `default`. False for good once any process created a key.")
 
 
 # --------------------------------------------------------------------------- keys

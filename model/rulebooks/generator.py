@@ -192,7 +192,7 @@ def _rule(domain: Domain, label: str, outcome: int, phrasing: str, rng: random.R
     exception = None
     free_flags = [f.key for f in domain.flags if f.key not in used]
     if free_flags and rng.random() < 0.3:
-        alt = rng.choice([c for c in range(3) if c != outcome]) if rng.random() < 0.5 else None
+        alt = rng.choice([c for c in range(len(CLASSES)) if c != outcome]) if rng.random() < 0.5 else None
         exception = Proviso(rng.choice(free_flags), rng.random() < 0.7, alt)
     scope_text = domain.everything if scope is None else domain.kinds[scope][1]
     text = P.rule_text(phrasing, scope_text, [_condition_text(domain, c, phrasing, rng) for c in conditions],
@@ -206,7 +206,8 @@ def _rule(domain: Domain, label: str, outcome: int, phrasing: str, rng: random.R
 
 def make_rulebook(domain: Domain, phrasing: str, rng: random.Random) -> Rulebook:
     n = rng.randint(4, 7)
-    classes = [c for _ in range(3) for c in rng.sample(range(3), 3)][:n]  # every class has a rule
+    k = len(CLASSES)
+    classes = [c for _ in range(-(-n // k)) for c in rng.sample(range(k), k)][:n]  # every class has a rule
     rules: list[Rule] = []
     for label, outcome in zip(_labels(domain, n, rng), classes):
         rule = _rule(domain, label, outcome, phrasing, rng)

@@ -16,6 +16,7 @@ async def health(request: Request, response: Response):
     engine_ok = state.engine.running
     try:
         await state.store.alist_keys(include_revoked=False)
+        await state.dev_mode.refresh()
         store_ok = True
     except Exception:  # noqa: BLE001 — any failure means the store is unusable
         store_ok = False
@@ -25,7 +26,7 @@ async def health(request: Request, response: Response):
                     engine="running" if engine_ok else "dead",
                     engine_requests=state.engine.llm.get_num_unfinished_requests() if engine_ok else 0,
                     audit_store="ok" if store_ok else "error",
-                    dev_mode=state.dev_mode)
+                    dev_mode=state.dev_mode.on)
 
 
 @router.get("/metrics", response_class=Response,
