@@ -1,12 +1,15 @@
 """Who is calling: API keys (stored hashed, in the audit store) → tenant, and per-key limits.
 
-With no key configured the server runs in local dev mode: every caller is the admin of tenant
-``default`` (logged loudly at start-up). Limits are per key and per process: requests per minute
-(sliding window) and concurrent generations; either answers 429 with Retry-After.
+Local dev mode (``DevMode``): while the audit store has never held an API key, every caller is the
+admin of tenant ``default``. It ends for good when any process creates a key in the store. Limits
+are per key and per process: requests per minute (sliding window) and concurrent generations; either
+answers 429 with Retry-After.
 """
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import logging
 import math
 import time
 from collections import deque
@@ -17,7 +20,71 @@ from fastapi import Request
 from localist.server.errors import ApiError
 from localist.server.store import ALL_TENANTS, ApiKey
 
+log = logging.getLogger("localist.server")
+
 DEV_TENANT = "default"
+DEV_MODE_BANNER = (
+    "LOCAL DEV MODE: this audit store has never held an API key, so no key is needed and every caller is "
+    f"the admin of tenant '{DEV_TENANT}'. Dev mode ends for good the moment any process creates a key in "
+    "this store (`localist keys create`, POST /v1/keys, another server on the same database): from then on "
+    "every request needs a key, even after every key is revoked.")
+DEV_MODE_ENDED = ("LOCAL DEV MODE ENDED: the audit store now holds an API key; every request needs a key from "
+                  "now on, even after every key is revoked.")
+
+
+class DevModeRefused(RuntimeError):
+    """Dev mode on an address other than loopback, without allow_on_network."""
+
+
+def is_loopback(host: str | None) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name, or None (not known): may be reachable from other machines
+        return False
+
+
+class DevMode:
+    """Whether the server runs in local dev mode: only while its audit store has never held a key.
+
+    Any process may create the first key (this server's API, ``localist keys create`` on the same
+    database, another replica), so while dev mode is on the store is asked again on every request (one
+    row); once off it is never asked again, because a store never forgets that it has had keys.
+    """
+
+    def __init__(self, store, on: bool) -> None:
+        self._store = store
+        self.on = on
+
+    @classmethod
+    async def start(cls, store, *, host: str | None, allow_on_network: bool) -> DevMode:
+        """The mode at start-up, said in the log. Dev mode on a non-loopback ``host`` (None: not
+        known) raises DevModeRefused unless ``allow_on_network``."""
+        dev = cls(store, not await store.akeys_ever_created())
+        if not dev.on:
+            log.info("authentication on: this audit store has had API keys, so every request needs one")
+            return dev
+        where = repr(host) if host is not None else "an address not known to be loopback"
+        if not is_loopback(host) and not allow_on_network:
+            raise DevModeRefused(
+                f"refusing to start in local dev mode on {where}: this audit store has never held an API key, "
+                "so every caller would be the admin of every tenant, and that address is reachable from other "
+                "machines. Create a key first (`localist keys create --tenant admin --admin`, or set "
+                "LOCALIST_ADMIN_KEY), serve on 127.0.0.1, or pass --allow-dev-mode-on-network to accept this.")
+        log.warning("=" * 78)
+        log.warning(DEV_MODE_BANNER)
+        if not is_loopback(host):
+            log.warning("Dev mode is served on %s, reachable from the network (--allow-dev-mode-on-network).", where)
+        log.warning("=" * 78)
+        return dev
+
+    async def refresh(self) -> bool:
+        """Whether dev mode is still on, asking the store unless it already ended."""
+        if self.on and await self._store.akeys_ever_created() and self.on:
+            self.on = False
+            log.warning(DEV_MODE_ENDED)
+        return self.on
 
 
 @dataclass
@@ -92,7 +159,7 @@ def _token(request: Request) -> str | None:
 async def principal(request: Request) -> Principal:
     """FastAPI dependency: the caller, or 401; also counts the request against the key's rate."""
     state = request.app.state
-    if state.dev_mode:
+    if await state.dev_mode.refresh():
         return Principal(DEV_TENANT, None, True)
     token = _token(request)
     if token is None:

@@ -105,7 +105,8 @@ def _serve(args: argparse.Namespace) -> int:
     name = args.name or (Path(args.model).stem if gguf else model_dir.name)
     signing_key = None if args.no_signing else Path(args.signing_key or data_dir() / "signing-key.pem")
     base = f"http://{args.host}:{args.port}"
-    auth = "any, while no key exists (dev mode); else one from `localist keys create`"
+    auth = ("none while the audit store has never held a key (local dev mode: the log says whether it is on); "
+            "else one from `localist keys create`")
     ready = (f"\nlocalist: serving {name!r}{' (UNTRAINED STAND-IN)' if stand_in else ''} on {base}  "
              f"(OpenAI base URL {base}/v1; API key: {auth})\n"
              f"  curl {base}/v1/chat/completions -H 'Content-Type: application/json' -H 'Authorization: Bearer dev' \\\n"
@@ -120,7 +121,8 @@ def _serve(args: argparse.Namespace) -> int:
         checkpoint_log=signing_key.with_suffix(".checkpoints.jsonl") if signing_key else None,
         sign_interval_s=args.sign_interval, stand_in=stand_in, max_model_len=args.max_model_len,
         default_rho=args.default_rho, max_blocks=args.max_blocks,
-        admin_token=os.environ.get("LOCALIST_ADMIN_KEY") or None, ready_message=ready,
+        admin_token=os.environ.get("LOCALIST_ADMIN_KEY") or None, ready_message=ready, host=args.host,
+        allow_dev_mode_on_network=args.allow_dev_mode_on_network,
     )
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=10)
@@ -230,6 +232,9 @@ def add_commands(subparsers) -> None:
                        help="dtype a .gguf model is converted to and served in (default: bfloat16)")
     serve.add_argument("--name", help="served model name (default: the directory's name)")
     serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--allow-dev-mode-on-network", action="store_true",
+                       help="start in local dev mode (no key needed, every caller admin) on a --host other than "
+                       "loopback; refused otherwise while the audit store has never held a key")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--db", help="audit store URL: sqlite:///path.db or postgresql://… "
                        "(default: $LOCALIST_DB_URL or sqlite under $LOCALIST_HOME)")

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +72,40 @@ def server_env(home: Path) -> dict[str, str]:
     return env
 
 
+@contextlib.contextmanager
+def serving(args: list[str], port: int, log_path: Path, home: Path) -> Iterator[subprocess.Popen]:
+    """``localist serve ARGS --port PORT`` as a subprocess, yielded once /health answers 200; stopped after."""
+    cmd = [sys.executable, "-m", "localist.clients.cli", "serve", *args, "--port", str(port)]
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=server_env(home))
+
+    def tail() -> str:
+        return log_path.read_text(errors="replace")[-6000:]
+
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"localist serve exited with {proc.returncode} during start-up:\n{tail()}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"localist serve not healthy after {STARTUP_TIMEOUT_S:.0f} s:\n{tail()}")
+        time.sleep(1)
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 @pytest.fixture(scope="session")
 def localist_server(tmp_path_factory) -> LocalistServer:
     from localist.model.tiny import make_tiny_checkpoint
@@ -91,33 +126,11 @@ def localist_server(tmp_path_factory) -> LocalistServer:
     port = free_port()
     log_path = root / "server.log"
     signing_key = root / "keys" / "signing.pem"
-    cmd = [sys.executable, "-m", "localist.clients.cli", "serve", "--model", str(model_dir), "--name", MODEL_NAME,
-           "--port", str(port), "--db", db_url, "--signing-key", str(signing_key), "--sign-interval", "1",
-           "--max-model-len", "512"]
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=server_env(root / "home"))
-    server = LocalistServer(f"http://127.0.0.1:{port}", admin_key, tenant_key, "acme", MODEL_NAME, model_dir,
-                            db_url, signing_key, root / "home", log_path, proc)
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"localist serve exited with {proc.returncode} during start-up:\n{server.log_tail()}")
-        try:
-            if httpx.get(server.base_url + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"localist serve not healthy after {STARTUP_TIMEOUT_S:.0f} s:\n{server.log_tail()}")
-        time.sleep(1)
-    yield server
-    proc.terminate()
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    args = ["--model", str(model_dir), "--name", MODEL_NAME, "--db", db_url, "--signing-key", str(signing_key),
+            "--sign-interval", "1", "--max-model-len", "512"]
+    with serving(args, port, log_path, root / "home") as proc:
+        yield LocalistServer(f"http://127.0.0.1:{port}", admin_key, tenant_key, "acme", MODEL_NAME, model_dir,
+                             db_url, signing_key, root / "home", log_path, proc)
     stack.close()
 
 

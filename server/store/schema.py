@@ -92,3 +92,12 @@ api_keys = sa.Table(
     sa.Column("max_concurrency", sa.Integer(), nullable=True),
     sa.Index("ix_api_keys_tenant", "tenant"),
 )
+
+# One row (id = 1): when this store's first API key was created, set together with that key and never
+# cleared. The server's key-less dev mode is only for a store that has never had a key.
+auth_state = sa.Table(
+    "auth_state",
+    metadata,
+    sa.Column("id", sa.Integer(), primary_key=True, autoincrement=False),
+    sa.Column("first_key_us", sa.BigInteger(), nullable=True),
+)

@@ -35,7 +35,8 @@ from .records import (
     KINDS, STATUSES, Entry, Header, RecordError, check_str, link_hash, make_entry, request_entry, sha256_hex, MAX_TENANT,
 )
 from .schema import (
-    GENESIS_HASH, api_keys, audit_payloads, audit_record_blocks, audit_records, chain_head, chain_signatures,
+    GENESIS_HASH, api_keys, audit_payloads, audit_record_blocks, audit_records, auth_state, chain_head,
+    chain_signatures,
 )
 from .signing import Checkpoint, append_checkpoint_log, key_id, load_public_key, load_signing_key
 
@@ -530,6 +531,8 @@ class AuditStore:
             key = ApiKey(kid, tenant, name, admin, now_us(), None, rate, conc)
             stored_hash = keymod.token_hash(token)
             conn.execute(sa.insert(api_keys).values(token_hash=stored_hash, **key.to_dict()))
+            conn.execute(sa.update(auth_state).where(auth_state.c.id == 1, auth_state.c.first_key_us.is_(None))
+                         .values(first_key_us=key.created_us))
             self._append(conn, [self._key_event("create", key, stored_hash, actor)])
         return token, key
 
@@ -568,6 +571,16 @@ class AuditStore:
             key = ApiKey(**{**key.to_dict(), "revoked_us": when})
             self._append(conn, [self._key_event("revoke", key, row.token_hash, actor)])
             return key
+
+    def keys_ever_created(self) -> bool:
+        """Whether this store has ever held an API key, revoked ones included; once true, never false
+        again. The mark set with the first key and any row of the key table each count, so clearing
+        one of them by hand does not reopen the server's key-less dev mode; no mark row counts too."""
+        with self._engine.connect() as conn:
+            row = conn.execute(sa.select(auth_state.c.first_key_us,
+                                         sa.exists(sa.select(api_keys.c.key_id)).label("any_key"))
+                               .where(auth_state.c.id == 1)).first()
+        return row is None or row.first_key_us is not None or bool(row.any_key)
 
     def verify_key(self, token: str) -> ApiKey | None:
         """The active key this token is, or None (unknown, malformed, wrong secret, or revoked)."""
@@ -826,6 +839,9 @@ class AuditStore:
 
     async def arevoke_key(self, key_id: str, **kwargs) -> ApiKey:
         return await asyncio.to_thread(lambda: self.revoke_key(key_id, **kwargs))
+
+    async def akeys_ever_created(self) -> bool:
+        return await asyncio.to_thread(self.keys_ever_created)
 
     async def averify_key(self, token: str) -> ApiKey | None:
         return await asyncio.to_thread(self.verify_key, token)
