@@ -91,7 +91,9 @@ class PagedKV:
         """K and V of one sequence's first ``length`` tokens (its cache blocks in order): ``[kv_heads, length, D]``."""
         keys, values = self.blocks(block_index)  # [nblk, Hkv, bs, D]
         hkv, D = keys.shape[1], keys.shape[-1]
-        flat = [x.transpose(0, 1).reshape(hkv, -1, D)[:, :length] for x in (keys, values)]
+        # contiguous: torch's CPU flash attention gives wrong results for a K sliced out of a longer one
+        # (found by the chunked-prefill reference test; a sliced V is read correctly)
+        flat = [x.transpose(0, 1).reshape(hkv, -1, D)[:, :length].contiguous() for x in (keys, values)]
         return flat[0], flat[1]
 
     def for_kernel(self, block_index: Tensor) -> tuple[Tensor, Tensor]:

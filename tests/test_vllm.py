@@ -27,6 +27,8 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 # and ~8 blocks; the worker inherits the environment), so that blocks straddling a chunk occur in the
 # engine too, not only under vLLM's own chunked prefill.
 os.environ["LOCALIST_PREFILL_BUDGET"] = "4096"
+FAULT_LABEL = "inject-fault"
+os.environ["LOCALIST_FAULT_LABEL"] = FAULT_LABEL  # the engine raises in the attention for blocks so labelled
 NUM_LAYERS = 3
 MAX_TOKENS = 8
 CHUNK = 48  # scheduler token budget per step: longer prompts are prefilled in chunks
@@ -123,6 +125,34 @@ def test_matches_reference(llm, ref, rho, n):
     finite = torch.isfinite(want.log_mass)
     assert torch.equal(finite, torch.isfinite(got.log_mass))
     assert torch.allclose(got.log_mass[finite], want.log_mass[finite], atol=1e-3)
+
+
+def test_a_failing_request_is_ended_and_the_engine_keeps_serving(llm):
+    """An exception in the localist path (the test switch raises for a labelled block) ends the
+    localist requests of that step with their stop token and a failure naming the cause; stock rows
+    of the same step and every later request are served as before."""
+    from vllm import SamplingParams
+
+    from localist.model.vllm_engine import LocalistWorkerError
+
+    ids, stock_ids = prompt(40, 5), prompt(50, 6)
+    spans = layout(40, 3)
+    spans[0] = spans[0] + [0, 0, FAULT_LABEL]  # [start, end, kind, pinned, evidence, label]
+    marked = LocalistParams(rho_for(0.5), spans, "marked")
+    eos = llm.get_tokenizer().eos_token_id
+    stock_alone = run(llm, [(stock_ids, None)])[0]
+    outs = llm.generate(
+        [{"prompt_token_ids": ids, "cache_salt": cache_salt(marked)}, {"prompt_token_ids": stock_ids}],
+        [SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, extra_args={"localist": marked.to_json()}),
+         sampling(None)], use_tqdm=False)
+    assert list(outs[0].outputs[0].token_ids) == [eos] and outs[0].outputs[0].finish_reason == "stop"
+    assert list(outs[1].outputs[0].token_ids) == stock_alone  # the stock row of the failing step
+    with pytest.raises(LocalistWorkerError, match="injected fault"):
+        fetch_stats_sync(llm, "marked", release=True)
+    healthy = LocalistParams(rho_for(0.5), layout(40, 3), "after-fault")
+    assert run(llm, [(ids, healthy)]) == [run(llm, [(ids, LocalistParams(rho_for(0.5), layout(40, 3), "again"))])[0]]
+    assert fetch_stats_sync(llm, "after-fault", release=True).num_tokens == MAX_TOKENS
+    fetch_stats_sync(llm, "again", release=True)
 
 
 def test_mixed_batch_equals_solo_runs(llm):
