@@ -280,9 +280,10 @@ def test_spans_past_the_prompt_run_stock_and_report_the_error(llm):
 # ---- the row table on its own (the logits processor is a plain object) ---------------------------
 
 
-class _Params:
-    def __init__(self, payload):
-        self.extra_args = {"localist": json.dumps(payload)} if payload is not None else None
+def _params(payload):
+    from vllm import SamplingParams
+
+    return SamplingParams(extra_args={"localist": json.dumps(payload)} if payload is not None else None)
 
 
 def test_row_table_follows_batch_updates():
@@ -291,8 +292,8 @@ def test_row_table_follows_batch_updates():
     WORKER.num_layers = 2
     proc = LocalistRowState.__new__(LocalistRowState)
     WORKER.rows.clear()
-    add = lambda i, rid, n: (i, _Params({"id": rid, "rho": 0.5, "blocks": [[1, 3, "rule"]]}), list(range(n)), [])  # noqa: E731
-    proc.update_state(BatchUpdate(3, removed=[], added=[add(0, "a", 5), add(1, "b", 6), (2, _Params(None), [1, 2], [])],
+    add = lambda i, rid, n: (i, _params({"id": rid, "rho": 0.5, "blocks": [[1, 3, "rule"]]}), list(range(n)), [])  # noqa: E731
+    proc.update_state(BatchUpdate(3, removed=[], added=[add(0, "a", 5), add(1, "b", 6), (2, _params(None), [1, 2], [])],
                                   moved=[]))
     assert {i: s.request_id for i, s in WORKER.rows.items()} == {0: "a", 1: "b"}
     proc.update_state(BatchUpdate(2, removed=[0], added=[], moved=[(1, 0, MoveDirectionality.UNIDIRECTIONAL)]))
