@@ -1,4 +1,4 @@
-"""One layer's prefill attention, localist vs stock vLLM, outside the engine (issue 4, "Speed").
+"""One layer's prefill attention, localist vs stock vLLM, outside the engine.
 
 The bench model's head config (12 heads × 64, bf16, vLLM's CPU cache of 128-token blocks) and the
 bench's 8-block layout at ρ = 0.5. Stock is vLLM's ``cpu_attention_with_kv_cache`` over the same

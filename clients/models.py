@@ -101,7 +101,7 @@ class Entropy(_Model):
 
 
 class Theory(_Model):
-    """SPEC §4: the threshold and bounds next to what was measured."""
+    """docs/theory.md §4: the threshold and bounds next to what was measured."""
 
     epsilon: float
     target: int | None

@@ -3,7 +3,7 @@
     LOCALIST_BASE_URL=http://127.0.0.1:8000 LOCALIST_API_KEY=... python examples/localist_client.py
 
 Same question, same rules, three dial settings. As ρ rises each head's block distribution sharpens
-(SPEC §2), so the response's block entropy H(π) usually falls, while the model's logits still decide
+(docs/theory.md §2), so the response's block entropy H(π) usually falls, while the model's logits still decide
 *which* block wins. Then one streamed answer, token by token, with each token's attribution.
 """
 from localist.clients import Client

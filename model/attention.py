@@ -1,4 +1,4 @@
-"""Localist attention (SPEC §2), defined once.
+"""Localist attention (docs/theory.md §2), defined once.
 
 The reference model, the vLLM model and the metrics all call these functions, so the dial means
 the same thing everywhere. Shapes follow the convention ``[batch, heads, queries, ...]``; block
@@ -39,7 +39,7 @@ class BlockStats:
 
 
 def dial_mass(log_mass: Tensor, rho: Tensor | float, pinned: Tensor, base: Tensor | None = None) -> Tensor:
-    """π^ρ over blocks from block log-masses (SPEC §2).
+    """π^ρ over blocks from block log-masses (docs/theory.md §2).
 
     ``log_mass`` [..., G] float32 with −inf for absent blocks; ``rho`` broadcastable to
     ``log_mass[..., 0]``; ``pinned`` bool broadcastable to [..., G]. Pinned blocks keep their base
@@ -156,7 +156,7 @@ def localist_attention(
     key_visible: Tensor | None = None,
     probe: Tensor | None = None,
 ) -> tuple[Tensor, BlockStats]:
-    """One-pass localist attention (SPEC §2) with its block statistics.
+    """One-pass localist attention (docs/theory.md §2) with its block statistics.
 
     query [B, H, Tq, D]; key/value [B, Hkv, Tk, D] (grouped-query heads are repeated);
     block_ids [B, Tk] (−1 marks padding); rho [B] or [B, Tq] (or a float); pinned [B, G] bool.

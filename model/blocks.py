@@ -1,4 +1,4 @@
-"""Semantic blocks of a sequence (SPEC §1) and the per-request localist parameters.
+"""Semantic blocks of a sequence (docs/theory.md §1) and the per-request localist parameters.
 
 A :class:`BlockTable` covers the prompt with contiguous labelled token spans: block 0 is the pinned
 ``sink`` (the first token), the last block is the ``response`` (it holds the chat template's
@@ -41,7 +41,7 @@ class Block:
 
     @property
     def candidate(self) -> bool:
-        """Whether a pointer may legitimately point here (SPEC §1)."""
+        """Whether a pointer may legitimately point here (docs/theory.md §1)."""
         return (self.kind in EVIDENCE_KINDS or self.evidence) and not self.pinned
 
     def to_dict(self) -> dict[str, Any]:
@@ -277,7 +277,7 @@ def table_from_chat(
 
 
 def resolve_rho(locality: Any, num_layers: int, field_name: str = "locality") -> list[float]:
-    """The dial for every layer from a number, a per-layer list or a preset name (SPEC §8)."""
+    """The dial for every layer from a number, a per-layer list or a preset name (docs/theory.md §8)."""
     if locality is None:
         return [0.0] * num_layers
     if isinstance(locality, str):

@@ -1,4 +1,4 @@
-"""`localist train` and `localist eval`: the default model's training and its results table (issue 6)."""
+"""`localist train` and `localist eval`: the default model's training and its results table."""
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,4 @@
-"""Synthetic regulated-domain task data for the default localist model (issue 6).
+"""Synthetic regulated-domain task data for the default localist model.
 
 Every example is a small rulebook (numbered rules on lending, KYC, claims or dosage) or a set of
 case files, plus one question whose answer depends on exactly one of them: the **target** block,
@@ -316,7 +316,7 @@ class Encoded:
 def encode(example: Example, tokenizer, split_kinds: Sequence[str] = ()) -> Encoded:
     """Blocks via the product's chat builder (so training sees what serving builds), plus the answer.
 
-    ``split_kinds`` is the layout recruited in training (SPEC §6): blocks of those kinds are split
+    ``split_kinds`` is the layout recruited in training (docs/theory.md §6): blocks of those kinds are split
     at their sentence ends.
     """
     table = table_from_chat(tokenizer, example.messages(), spans={1: example.spans()})

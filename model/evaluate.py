@@ -1,8 +1,8 @@
-"""The default model's results table over the dial (issue 6), regenerated from shipped weights.
+"""The default model's results table over the dial, regenerated from shipped weights.
 
 For every test example and dial value: greedy generation with the reference localist model, exact
 match against the generator's answer, whether the answer cites the target block's id (the pointer
-alone, whatever outcome follows), and the product's own metrics (SPEC §3, via
+alone, whatever outcome follows), and the product's own metrics (docs/theory.md §3, via
 :mod:`localist.model.metrics`) with the ground-truth target block — pointer fidelity and attention
 entropy. The μ = 0 twin, when present, gets the same rows, so the penalty's effect is measured.
 """

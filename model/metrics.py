@@ -1,6 +1,6 @@
-"""Per-response metrics (SPEC §3), defined once, with the theory (SPEC §4) beside them.
+"""Per-response metrics (docs/theory.md §3), defined once, with the theory (docs/theory.md §4) beside them.
 
-Input: the per-token statistics of a response (docs/CONTRACTS.md) — ``log_mass``, ``mass`` (π^ρ)
+Input: the per-token statistics of a response — ``log_mass``, ``mass`` (π^ρ)
 and ``inner_entropy`` (H(w_g)), each [T, L, H, G] float32, one row per generated token — plus the
 block layout (candidate and pinned masks, visible keys per block) and the optional target block.
 Everything is vectorised over tokens, layers and heads so that the server can run it per response.
@@ -80,7 +80,7 @@ class LayerLevel:
 
 @dataclass
 class ResponseMetrics:
-    """One generated choice: measured metrics (SPEC §3) and the theory's predictions (SPEC §4)."""
+    """One generated choice: measured metrics (docs/theory.md §3) and the theory's predictions (docs/theory.md §4)."""
 
     num_tokens: int
     num_layers: int
@@ -262,7 +262,7 @@ def response_layout(table: BlockTable, num_tokens: int) -> tuple[Tensor, Tensor,
     """(candidates [T, G], pinned [G], visible [T, G]) of a response of ``num_tokens`` tokens.
 
     Token t is produced by the query at prompt length − 1 + t; generated tokens are keys in the
-    response block. A query's own block is not one of its candidates (SPEC §1).
+    response block. A query's own block is not one of its candidates (docs/theory.md §1).
     """
     G = table.num_blocks
     prompt = table.block_ids()

@@ -1,9 +1,9 @@
-"""Block recruitment by penalized likelihood in nats (SPEC §6).
+"""Block recruitment by penalized likelihood in nats (docs/theory.md §6).
 
 A block is split in two only when the drop in NLL it buys exceeds the cost of describing the split:
 c_split = ln(number of candidate split points) + ln B' (+ ½·k·ln N for k new parameters, + a fixed
 extra). Candidate split points are sentence ends inside a block, so a recruited block is a whole
-sentence or clause. :func:`greedy_split` is the SPEC's default for one sequence; :func:`recruit_layout`
+sentence or clause. :func:`greedy_split` is docs/theory.md §6's default for one sequence; :func:`recruit_layout`
 applies the same test to a training layout rule ("split blocks of kind K at sentence ends"), pricing
 every binary split the rule makes. Every decision is returned for logging, accepted or not.
 """
@@ -38,7 +38,7 @@ class Decision:
 
 def split_cost(num_points: int, num_blocks_after: int, new_params: int = 0, num_tokens: int = 1,
                extra: float = 0.0) -> float:
-    """Nats to describe one binary split (SPEC §6)."""
+    """Nats to describe one binary split (docs/theory.md §6)."""
     if num_points < 1 or num_blocks_after < 2:
         raise ValueError(f"a split needs ≥ 1 split point and ≥ 2 blocks after it, got {num_points}, {num_blocks_after}")
     if extra < 0:
@@ -78,7 +78,7 @@ def greedy_split(
     """Greedy binary splitting of one sequence: take the best split while its gain beats its cost.
 
     ``nll(table)`` is the sequence's NLL in nats under that layout. Each accepted step lowers
-    NLL + cost, and every cost is ≥ ln 2 > 0, so this stops (SPEC §6, termination).
+    NLL + cost, and every cost is ≥ ln 2 > 0, so this stops (docs/theory.md §6, termination).
     """
     decisions: list[Decision] = []
     current = nll(table)

@@ -60,7 +60,7 @@ class LocalistBatch:
 
 
 def localist_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, localist=None, **_):
-    """transformers attention-function interface → SPEC §2 (HF's own causal mask is not needed)."""
+    """transformers attention-function interface → docs/theory.md §2 (HF's own causal mask is not needed)."""
     if localist is None:
         raise ValueError("localist attention needs the `localist=LocalistBatch(...)` forward argument")
     Tk = key.shape[-2]

@@ -1,4 +1,4 @@
-"""Threshold and bounds of localist attention (SPEC §4), in the SPEC's symbols.
+"""Threshold and bounds of localist attention (docs/theory.md §4), in its symbols.
 
 Everything is about the free candidate blocks C of one (query, layer, head): q^ρ = softmax_C((1+λ)L),
 target R ∈ C, block margin δ = L_R − max_{g∈C, g≠R} L_g (nats), B = |C| (candidates with a visible
@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 DEFAULT_EPS = 0.1
-NULL_MASS = 1e-6  # SPEC §3: below this candidate mass a head does not point
+NULL_MASS = 1e-6  # docs/theory.md §3: below this candidate mass a head does not point
 # float32 statistics: slack allowed when checking a bound that holds exactly in real arithmetic
 FIDELITY_TOL = 1e-5
 ENTROPY_TOL = 1e-4
@@ -172,7 +172,7 @@ def _ratio(num: Tensor, den: Tensor) -> float | None:
 
 @dataclass
 class TheoryReport:
-    """SPEC §4 per response: predicted vs measured, with the fraction of heads where each bound held.
+    """docs/theory.md §4 per response: predicted vs measured, with the fraction of heads where each bound held.
 
     Fidelities are candidate-mass-weighted over the (token, layer, head) that point (c ≥ 10⁻⁶) and
     see the target and another candidate; the entropy is the candidate part H(q) + Σ q H(w) in nats.
@@ -219,7 +219,7 @@ def predicted_vs_measured(
     top_candidate: int | None = None,
     eps: float = DEFAULT_EPS,
 ) -> TheoryReport:
-    """SPEC §4 for one response from its per-token statistics (``log_mass``/``mass``/``inner_entropy``
+    """docs/theory.md §4 for one response from its per-token statistics (``log_mass``/``mass``/``inner_entropy``
     [T, L, H, G]).
 
     ``candidates`` [G] or [T, G] bool; ``visible`` n_g [T, G] (or [G]) — visible keys per block for

@@ -1,4 +1,4 @@
-"""Dial-aware training of the default localist model (issue 6; SPEC §5–6).
+"""Dial-aware training of the default localist model (docs/theory.md §5–6).
 
 Loss per batch = NLL + μ · mean H(q^ρ), the candidate block entropy of the queries that point (those
 outside evidence blocks that see ≥ 2 candidate blocks), + ν · (1 − F), the answer's off-target
@@ -7,7 +7,7 @@ writes the cited id (``lookup_weight``), + τ · the readout head's −ln weight
 answer token read off the target block (``readout_weight``), with ρ drawn per sequence from a spread over
 [0, 1) so that one set of weights serves every dial value. The model is a stock HF Llama run through
 the reference localist attention, so the saved checkpoint loads in HF and vLLM as is. Layout
-recruitment (SPEC §6) runs every ``recruit_every`` steps on validation probes; every decision is
+recruitment (docs/theory.md §6) runs every ``recruit_every`` steps on validation probes; every decision is
 logged to ``recruitment.jsonl``.
 
 Deterministic given the seed: data index, dial draw and init depend only on (seed, step), so a
@@ -107,7 +107,7 @@ def pointing_queries(batch: Batch) -> torch.Tensor:
 
 
 def candidate_entropy(stats, batch: Batch) -> torch.Tensor:
-    """mean over layers, heads and pointing queries of H(q^ρ) in nats (SPEC §5), differentiable."""
+    """mean over layers, heads and pointing queries of H(q^ρ) in nats (docs/theory.md §5), differentiable."""
     cand = batch.candidate[:, None, None, :]
     query = pointing_queries(batch)[:, None, :]
     total, count = 0.0, 0
@@ -134,7 +134,7 @@ def query_fidelity(stats, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def off_target_share(fidelity: tuple[torch.Tensor, torch.Tensor], queries: torch.Tensor) -> torch.Tensor:
-    """1 − pointer fidelity (SPEC §3, response-level F over ``queries`` [B, T−1], layers, heads) of
+    """1 − pointer fidelity (docs/theory.md §3, response-level F over ``queries`` [B, T−1], layers, heads) of
     the batch, differentiable: the evidence-directed attention of those queries that misses the target.
 
     Ground truth of the training split only; it teaches a head that reads evidence to read the

@@ -345,7 +345,7 @@ def engine_args(model_dir: str | Path, **overrides: Any):
 
 
 def cache_salt(params: LocalistParams) -> str | None:
-    """Prefix-cache salt (SPEC §2): requests share cached K/V only with the same layout and per-layer ρ.
+    """Prefix-cache salt (docs/theory.md §2): requests share cached K/V only with the same layout and per-layer ρ.
 
     With ρ = 0 on every layer the attention is the base model's whatever the layout, so such
     requests share with stock traffic (no salt).

@@ -1,4 +1,4 @@
-// Split-KV over vLLM's paged CPU KV cache where the splits are the semantic blocks (SPEC §2, form 2).
+// Split-KV over vLLM's paged CPU KV cache where the splits are the semantic blocks (docs/theory.md §2, form 2).
 //
 // For every query (one per row: decode) and every semantic block g, one pass over the row's keys
 // keeps an online-softmax accumulator against the query's running max M: s = Σ e^{x−M},
@@ -33,7 +33,7 @@ inline float to_float(c10::Half x) { return static_cast<float>(x); }
 
 // e^x for x ≤ 0 (scores minus their running max), branch-free so that loops over it vectorise:
 // x = k·ln2 + r with |r| ≤ ln2/2, e^r by its degree-6 Taylor polynomial (relative error < 2e-7),
-// 2^k by building the float's exponent; below −87 the result is 0 (the guard of SPEC §2 numerics).
+// 2^k by building the float's exponent; below −87 the result is 0 (the guard of docs/theory.md §2 numerics).
 inline float exp_nonpos(float x) {
   const float xc = std::max(x, -87.0f);
   const float k = std::nearbyint(xc * 1.4426950408889634f);
@@ -313,7 +313,7 @@ std::vector<at::Tensor> block_partials(at::Tensor q, at::Tensor kv_cache, at::Te
   return {m, sw, o};
 }
 
-// Prefill merge (SPEC §2, form 2) without a float buffer per block:
+// Prefill merge (docs/theory.md §2, form 2) without a float buffer per block:
 // out[t, h] = Σ_g π^ρ[g, h, t] · o_g[t − start_g, h] over the parts (blocks in order) whose queries include t, accumulated in float32 and written once.
 // parts[j] [n_j, H, D] (last dim contiguous; float32, bf16 or fp16), starts[j] its first query, blocks[j] its
 // block g; mass [G, H, n] float32 (π^ρ from dial_mass); out [n, H, D] contiguous.
@@ -369,7 +369,7 @@ void merge_blocks(std::vector<at::Tensor> parts, std::vector<int64_t> starts, st
 
 
 #ifdef __AVX512BF16__
-// Prefill of one row's query chunk against its keys, per semantic block (SPEC §2 form 2): for every
+// Prefill of one row's query chunk against its keys, per semantic block (docs/theory.md §2 form 2): for every
 // span (g, a, b) and every query at position ≥ a, ordinary causal attention over the keys of [a, b)
 // alone, i.e. the block's own output o_g and log-mass L_g (what one flash call per block returned).
 // q [T, H, D], keys/values [Hkv, S, D] (bf16, last dim contiguous, any other strides); the chunk's

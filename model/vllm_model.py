@@ -1,4 +1,4 @@
-"""vLLM model classes with localist attention (SPEC §2) over vLLM's paged KV cache.
+"""vLLM model classes with localist attention (docs/theory.md §2) over vLLM's paged KV cache.
 
 ``LocalistLlamaForCausalLM`` / ``LocalistQwen2ForCausalLM`` are vLLM's own Llama/Qwen2 classes —
 same layers, same weight loading — whose attention layers are swapped for
@@ -321,7 +321,7 @@ class LocalistAttentionLayer(Attention):
         kv = self._row_kv(p, k, v, cache) if float(rho) != 0.0 or paged_kernel() is None else None
         if float(rho) == 0.0:
             # ρ = 0 is the base attention: vLLM's own CPU attention for this row (the stock computation;
-            # SPEC §8: ρ = 0 pays only the metrics).
+            # docs/theory.md §8: ρ = 0 pays only the metrics).
             self.impl.forward(self, rows, None, None, self.kv_cache, self._stock_metadata(p),
                               out[p.query_start: p.query_start + p.query_len])
         else:
@@ -358,7 +358,7 @@ class LocalistAttentionLayer(Attention):
         Blocks are contiguous key spans and attention is causal, so block [a, b) is seen by the
         queries at positions ≥ a (a query inside the block sees its keys up to itself, a later one
         all of them): that gives the block's own output o_g and log-mass L_g per query. π^ρ comes
-        from ``dial_mass`` and the output is Σ_g π^ρ_g o_g (SPEC §2 form 2); queries before a block
+        from ``dial_mass`` and the output is Σ_g π^ρ_g o_g (docs/theory.md §2 form 2); queries before a block
         leave its L_g at −inf (mass 0). In bf16 the compiled ``block_prefill`` does all blocks in one
         call (torch's CPU flash kernel, one call per block, was ~2× slower than vLLM's attention);
         otherwise one fused SDPA call per block, where a block that starts before the query chunk

@@ -1,4 +1,4 @@
-"""Localist attention (SPEC §2): the three forms agree, the dial's properties hold, §7's table.
+"""Localist attention (docs/theory.md §2): the three forms agree, the dial's properties hold, §7's table.
 
 Attention weights are read through the output by using the identity matrix as the values
 (out = probs @ I), so every property is checked on what the one-pass kernel really computes.
@@ -120,7 +120,7 @@ def test_three_forms_agree(seed, rho_seed, gqa):
 
 
 def test_additive_bias_without_pins_is_lambda_times_L():
-    """SPEC §2 form 1: with no pinned block β = λ·L gives the same attention (constants cancel)."""
+    """docs/theory.md §2 form 1: with no pinned block β = λ·L gives the same attention (constants cancel)."""
     q, k, v, block_ids, pinned = make_case(7, pad=False)
     pinned[:] = False
     rho, scale = 0.6, 0.5
@@ -133,7 +133,7 @@ def test_additive_bias_without_pins_is_lambda_times_L():
     assert torch.allclose(out1.float(), out, atol=1e-5)
 
 
-# --- SPEC §2 properties ---------------------------------------------------------------------
+# --- docs/theory.md §2 properties ---------------------------------------------------------------------
 
 @SETTINGS
 @given(seed=st.integers(0, 2**31 - 1), gqa=st.booleans())
@@ -275,7 +275,7 @@ def test_dial_mass_with_every_block_absent_is_zero():
     assert torch.equal(mass, torch.zeros(2, 3))
 
 
-# --- SPEC §7 worked example -----------------------------------------------------------------
+# --- docs/theory.md §7 worked example -----------------------------------------------------------------
 
 S7 = [2.0, 1.0, 0.5, 1.5, -1.0, 0.0, 3.0, 0.2]
 B7 = [0, 0, 1, 1, 1, 2, 2, 3]

@@ -1,4 +1,4 @@
-"""Local dev mode (issue 22): on only while the audit store has never held an API key, off for good the
+"""Local dev mode: on only while the audit store has never held an API key, off for good the
 moment any process creates one. The store and the start-up decision on SQLite and PostgreSQL, then real
 servers: keys created by the CLI while one server runs (SQLite), and through the API of one of two
 servers sharing a PostgreSQL database; every sequence ends with 401 / 403 / 404 where it must."""

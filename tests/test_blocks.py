@@ -1,4 +1,4 @@
-"""Block specification: builders, tokenisation per block, and clear errors (SPEC §1, §8)."""
+"""Block specification: builders, tokenisation per block, and clear errors (docs/theory.md §1, §8)."""
 import pytest
 from tokenizers import processors
 from transformers import AutoTokenizer

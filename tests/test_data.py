@@ -1,4 +1,4 @@
-"""The task generator's ground truth: the answer comes from the target block alone (issue 6)."""
+"""The task generator's ground truth: the answer comes from the target block alone."""
 import pytest
 
 from localist.model.data import (

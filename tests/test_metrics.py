@@ -1,4 +1,4 @@
-"""SPEC §3 metrics: §7's example through the metrics, hand-computed ratios, properties of metrics
+"""docs/theory.md §3 metrics: §7's example through the metrics, hand-computed ratios, properties of metrics
 computed from real ``localist_attention`` statistics, permutation invariance, T = 0, the levels."""
 from __future__ import annotations
 

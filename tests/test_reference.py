@@ -1,4 +1,4 @@
-"""Reference localist LM on tiny random HF checkpoints (SPEC §2 at the model level)."""
+"""Reference localist LM on tiny random HF checkpoints (docs/theory.md §2 at the model level)."""
 import pytest
 import torch
 from transformers import AutoModelForCausalLM

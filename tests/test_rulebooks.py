@@ -1,4 +1,4 @@
-"""Rulebooks in real language (issue 17, item 1): ground truth, balance, held-out wording, the
+"""Rulebooks in real language: ground truth, balance, held-out wording, the
 answer format and its parser, rendering for the server and for training, the hand-written set."""
 from collections import Counter
 

@@ -77,7 +77,7 @@ async def test_chat_completion_carries_localist_metrics(localist_server, api):
 
 async def test_dial_sharpens_attribution_onto_one_block(localist_server, api):
     """Same prompt: each head's top free block takes a larger share of the free mass as ρ grows, all of it
-    at ρ = 1 (SPEC §2; block 0, the sink, is the only pinned block)."""
+    at ρ = 1 (docs/theory.md §2; block 0, the sink, is the only pinned block)."""
     shares = []
     for rho in (0.0, 0.5, 1.0):
         r = await api.post("/v1/chat/completions", json=chat_body(

@@ -1,4 +1,4 @@
-"""SPEC §4 theory: each formula against arithmetic done by hand here, and the bounds against real
+"""docs/theory.md §4 theory: each formula against arithmetic done by hand here, and the bounds against real
 attention statistics from ``localist_attention`` (they must hold at every ρ)."""
 from __future__ import annotations
 
@@ -140,7 +140,7 @@ B7 = [0, 0, 1, 1, 1, 2, 2, 3]
 
 
 def section7(rho: float) -> BlockStats:
-    """SPEC §7's query as a one-token, one-layer, one-head response: stats [1, 1, 1, 4]."""
+    """docs/theory.md §7's query as a one-token, one-layer, one-head response: stats [1, 1, 1, 4]."""
     q = torch.ones(1, 1, 1, 8)
     k = torch.diag(torch.tensor(S7)).view(1, 1, 8, 8)
     _, s = localist_attention(q, k, k, torch.tensor([B7]), rho, torch.zeros(1, 4, dtype=torch.bool), 1.0)

@@ -1,4 +1,4 @@
-"""Dial-aware training (SPEC §5) and recruitment (SPEC §6): a tiny real run on CPU."""
+"""Dial-aware training (docs/theory.md §5) and recruitment (docs/theory.md §6): a tiny real run on CPU."""
 import json
 import math
 

@@ -1,4 +1,4 @@
-"""The localist model inside vLLM (issue 4): stock equality, reference equality, mixed batches, metrics.
+"""The localist model inside vLLM: stock equality, reference equality, mixed batches, metrics.
 
 One float32 engine for the whole module (tiny random Llama, GQA, 3 layers). Its scheduler takes at
 most 48 tokens per step, so prompts longer than that are prefilled in chunks: the tests below cover
@@ -186,7 +186,7 @@ def test_metrics_satisfy_spec_identities(llm):
     # Attribution is a distribution over blocks.
     assert torch.allclose(st.mass.sum(-1), torch.ones(st.mass.shape[:-1]), atol=1e-5)
     assert (st.mass >= 0).all()
-    # π^ρ is the dial applied to the block log-masses of the same query (SPEC §2) …
+    # π^ρ is the dial applied to the block log-masses of the same query (docs/theory.md §2) …
     rho_t = torch.tensor(rho).view(1, -1, 1)
     assert torch.allclose(st.mass, dial_mass(st.log_mass, rho_t, pinned), atol=1e-5)
     # … so pinned blocks keep their base mass (the sink), whatever ρ.
@@ -208,7 +208,7 @@ def test_metrics_satisfy_spec_identities(llm):
     c = st.mass[..., cand].sum(-1)
     F = st.mass[..., target] / c
     assert ((F >= 0) & (F <= 1 + 1e-6)).all()
-    # SPEC §4 on the candidates: measured F is the exact formula, and never below the lower bound.
+    # docs/theory.md §4 on the candidates: measured F is the exact formula, and never below the lower bound.
     from localist.model.theory import block_margin, candidate_count, exact_fidelity, fidelity_lower_bound, rho_to_lambda
 
     L_cand = st.log_mass[..., cand]

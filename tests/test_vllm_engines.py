@@ -1,4 +1,4 @@
-"""The localist engine against engines built apart from it (issue 4): a separate stock vLLM engine on
+"""The localist engine against engines built apart from it: a separate stock vLLM engine on
 the same weights at ρ = 0, and a KV cache so small that the scheduler must preempt (recompute) rows.
 
 Each engine lives only for its test (float32, tiny random Llama): two engines never run at once.

@@ -1,4 +1,4 @@
-"""Rulebooks and case files in ordinary prose across regulated domains (issue 17, item 1).
+"""Rulebooks and case files in ordinary prose across regulated domains.
 
 Each example is a short rulebook of one domain (lending, AML/KYC, insurance claims, dosing, HR,
 data protection, expenses, IT access, purchasing, …), one rule per block, and one question whose
