@@ -61,4 +61,5 @@ HEALTHCHECK --interval=30s --timeout=10s --start-period=300s --retries=3 \
     CMD ["python", "-c", "import sys; from localist.clients import Client; sys.exit(Client('http://127.0.0.1:8000', max_retries=0, timeout=5).health().status != 'ok')"]
 
 # The signing key of the chain heads lives in its own volume, apart from the audit database.
+# On 0.0.0.0 the server refuses local dev mode: give it LOCALIST_ADMIN_KEY (compose.yaml does).
 CMD ["localist", "serve", "--host", "0.0.0.0", "--port", "8000", "--signing-key", "/keys/signing-key.pem"]
