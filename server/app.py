@@ -5,6 +5,7 @@ anywhere); the lifespan opens the store, starts with keys or in dev mode, and st
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from contextlib import asynccontextmanager
@@ -84,6 +85,8 @@ async def lifespan(app: FastAPI):
                                  settings.stand_in, settings.seed))
     engine.start()
     app.state.engine = engine
+    app.state.metrics.watch_engine(engine)
+    supervisor = asyncio.get_running_loop().create_task(engine.supervise(), name="engine supervisor")
     if settings.stand_in:
         log.warning("SERVING AN UNTRAINED STAND-IN MODEL (%s): random weights, outputs are noise.",
                     settings.model_dir)
@@ -92,6 +95,7 @@ async def lifespan(app: FastAPI):
     try:
         yield
     finally:
+        supervisor.cancel()
         await openai_api.drain(app)
         engine.shutdown()
         store.close()

@@ -3,25 +3,32 @@
 The server talks to vLLM through this wrapper only, so the HTTP layer never depends on vLLM's
 internals: prompts go in as token ids (the block table decides tokenisation, SPEC §1), outputs come
 back as vLLM ``RequestOutput`` objects, and the per-token attention statistics of a request come back
-through ``localist.model.vllm_engine.fetch_stats`` on :attr:`Engine.llm`.
+through ``localist.model.vllm_engine.fetch_stats`` on the :class:`Engine` (its ``collective_rpc``).
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
+import itertools
 import json
 import logging
+import math
 import os
 import platform
-from collections.abc import AsyncIterator
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from transformers import AutoTokenizer
 
 from localist.model.tokenizer import tokenizer_fingerprint
 
 log = logging.getLogger("localist.server")
+T = TypeVar("T")
 
 
 def weights_sha256(model_dir: Path) -> str:
@@ -67,8 +74,28 @@ class EngineConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+class EngineUnavailable(RuntimeError):
+    """The engine is not serving: it died and a new one is starting. ``retry_after``: seconds until it
+    probably serves again."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+ENGINE_POLL_S = 0.5  # how often the supervisor looks whether the engine core still lives
+RESTART_BACKOFF_S = (1, 2, 5, 10, 30, 60)  # waits between failed restart attempts, the last one repeated
+
+
 class Engine:
-    """AsyncLLM with the served model's identity (name, hashes, shape) attached."""
+    """AsyncLLM with the served model's identity (name, hashes, shape) attached, and its supervisor.
+
+    One failure must not take the service down: when the engine core dies (a crash inside vLLM, a
+    killed process, OOM), :meth:`supervise` shuts the dead ``AsyncLLM`` down and starts a new one in the
+    background. Meanwhile every use of the engine raises :class:`EngineUnavailable` at once (→ 503
+    with Retry-After), and calls that were waiting on the dead engine are released with it, never left
+    hanging.
+    """
 
     def __init__(self, config: EngineConfig):
         self.config = config
@@ -83,9 +110,15 @@ class Engine:
         self.fingerprint = tokenizer_fingerprint(self.tokenizer)
         self.versions = software_versions()
         self._llm = None
+        self._died = asyncio.Event()  # set once the current AsyncLLM is found dead; a new one per engine
+        self.restarting = False
+        self.restarts = 0  # engines started after a death, successfully
+        self.last_failure: str | None = None  # why the engine last died (or a restart failed)
+        self.down_since: float | None = None  # unix time of the current outage; None while serving
+        self.start_seconds = 60.0  # how long the last start took: the Retry-After estimate
 
-    def start(self) -> None:
-        """Start the engine core (tens of seconds on CPU)."""
+    def _new_llm(self):
+        """A fresh AsyncLLM (tens of seconds on CPU: the engine core loads the model)."""
         from vllm.v1.engine.async_llm import AsyncLLM
 
         from localist.model.vllm_engine import engine_args
@@ -99,30 +132,136 @@ class Engine:
             seed=self.config.seed,
             **self.config.extra,
         )
-        self._llm = AsyncLLM.from_engine_args(args)
+        began = time.monotonic()
+        llm = AsyncLLM.from_engine_args(args)
+        self.start_seconds = time.monotonic() - began
+        return llm
+
+    def start(self) -> None:
+        """Start the engine core (tens of seconds on CPU)."""
+        self._llm = self._new_llm()
         log.info("engine started: model %s from %s (%d layers, %d heads, max_model_len %d)",
                  self.name, self.model_dir, self.num_layers, self.num_heads, self.max_model_len)
 
     @property
-    def llm(self):
-        if self._llm is None:
-            raise RuntimeError("engine not started")
-        return self._llm
+    def running(self) -> bool:
+        return self._llm is not None and not self.restarting and not self._llm.errored
+
+    def retry_after(self) -> int:
+        """Seconds until a restarting engine probably serves again (at least 1)."""
+        elapsed = time.time() - self.down_since if self.down_since is not None else 0.0
+        return max(1, math.ceil(self.start_seconds - elapsed))
+
+    def unavailable(self, what: str, cause: str | None = None) -> EngineUnavailable:
+        cause = cause or (self.last_failure if self.down_since is not None else None)
+        because = f" ({cause})" if cause else ""
+        return EngineUnavailable(f"{what}{because}; the engine is restarting, retry in {self.retry_after()} s",
+                                 self.retry_after())
+
+    def ensure_serving(self) -> None:
+        """Raises :class:`EngineUnavailable` while the engine is down: callers are refused at once, never queued."""
+        if not self.running:
+            raise self.unavailable("the engine is not serving")
 
     @property
-    def running(self) -> bool:
-        return self._llm is not None and not self._llm.errored
+    def llm(self):
+        """The serving AsyncLLM; raises :class:`EngineUnavailable` while there is none."""
+        self.ensure_serving()
+        return self._llm
 
-    def generate(self, prompt_token_ids: list[int], params, request_id: str, cache_salt: str | None = None
-                 ) -> AsyncIterator[Any]:
-        """Cumulative ``RequestOutput`` objects; cancelling the iteration aborts the request in vLLM."""
+    async def _unless_dead(self, step: Awaitable[T], died: asyncio.Event, what: str) -> T:
+        """Await ``step`` unless the engine dies first (vLLM leaves a call waiting on a dead engine core,
+        e.g. its first ``get_supported_tasks``, unanswered): then cancel it and raise EngineUnavailable."""
+        work, death = asyncio.ensure_future(step), asyncio.ensure_future(died.wait())
+        try:
+            await asyncio.wait({work, death}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            death.cancel()
+            if not work.done():
+                work.cancel()  # the engine died, or this task was cancelled (the client left)
+                await asyncio.wait({work})  # let vLLM finish its abort before anyone closes the generator
+        if work.cancelled() and died.is_set():
+            raise self.unavailable(f"the engine died during {what}")
+        return work.result()
+
+    async def generate(self, prompt_token_ids: list[int], params, request_id: str, cache_salt: str | None = None
+                       ) -> AsyncIterator[Any]:
+        """Cumulative ``RequestOutput`` objects; cancelling the iteration aborts the request in vLLM. A
+        death of the engine meanwhile raises :class:`EngineUnavailable`."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        llm, died = self.llm, self._died
         prompt: dict[str, Any] = {"prompt_token_ids": list(prompt_token_ids)}
         if cache_salt:
             prompt["cache_salt"] = cache_salt
-        return self.llm.generate(prompt, params, request_id)
+        try:
+            async with contextlib.aclosing(llm.generate(prompt, params, request_id)) as outputs:
+                while True:
+                    try:
+                        out = await self._unless_dead(anext(outputs), died, "this request")
+                    except StopAsyncIteration:
+                        return
+                    yield out
+        except Exception as exc:
+            if isinstance(exc, (EngineDeadError, EngineUnavailable)) or llm.errored:
+                raise self.unavailable("the engine died during this request", self._death_cause(llm)) from exc
+            raise
+
+    async def collective_rpc(self, method: str, timeout: float | None = None, args: tuple = (),
+                             kwargs: dict | None = None) -> list[Any]:
+        """``AsyncLLM.collective_rpc``, released with :class:`EngineUnavailable` if the engine dies first."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        llm, died = self.llm, self._died
+        try:
+            return await self._unless_dead(llm.collective_rpc(method, timeout, args, kwargs), died, f"a call to {method}")
+        except EngineDeadError as exc:
+            raise self.unavailable(f"the engine died before a call to {method}") from exc
 
     async def abort(self, request_id: str) -> None:
         await self.llm.abort(request_id)
+
+    async def supervise(self) -> None:
+        """Runs for the server's lifetime: whenever the engine dies, start a new one."""
+        while True:
+            while not self._llm.errored:
+                await asyncio.sleep(ENGINE_POLL_S)
+            self._died.set()
+            await self._restart(self._death_cause(self._llm))
+
+    @staticmethod
+    def _death_cause(llm) -> str:
+        """The engine core's exit, as far as its process tells (vLLM logs the details)."""
+        manager = getattr(getattr(llm.engine_core, "resources", None), "engine_manager", None)
+        exits = [(p.name, p.pid, p.exitcode) for p in getattr(manager, "processes", ())
+                 if p.exitcode is not None]
+        if not exits:
+            return "the engine core stopped (EngineDeadError; the server log has its error)"
+        name, pid, code = exits[0]
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        return f"the engine core process {name} (pid {pid}) {how}"
+
+    async def _restart(self, cause: str) -> None:
+        log.error("engine died: %s; starting a new one", cause)
+        self.restarting, self.last_failure, self.down_since = True, cause, time.time()
+        dead, self._llm = self._llm, None
+        try:
+            await asyncio.to_thread(dead.shutdown)
+        except Exception:  # noqa: BLE001 — what is left of the dead engine must not stop the new one
+            log.exception("shutting the dead engine down failed")
+        for attempt in itertools.count():
+            try:
+                self._llm = await asyncio.to_thread(self._new_llm)
+                self._died = asyncio.Event()
+                break
+            except Exception as exc:  # noqa: BLE001 — keep trying: the service must come back by itself
+                wait = RESTART_BACKOFF_S[min(attempt, len(RESTART_BACKOFF_S) - 1)]
+                self.last_failure = f"{cause}; restart attempt {attempt + 1} failed: {type(exc).__name__}: {exc}"
+                log.exception("engine restart attempt %d failed; next in %d s", attempt + 1, wait)
+                await asyncio.sleep(wait)
+        log.warning("engine restarted: it was down for %.1f s", time.time() - self.down_since)
+        self.restarts += 1
+        self.restarting, self.down_since = False, None
 
     def shutdown(self) -> None:
         if self._llm is not None:

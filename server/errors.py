@@ -1,7 +1,8 @@
 """OpenAI-shaped errors: ``{"error": {"message", "type", "param", "code"}}`` with the field named.
 
 Every 4xx the server sends goes through :class:`ApiError`, including pydantic validation errors and
-malformed JSON, so a client can always read ``error.param`` to find the offending field.
+malformed JSON, so a client can always read ``error.param`` to find the offending field. While the
+engine restarts after a death, generation is answered 503 with ``Retry-After``.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from localist.model.blocks import BlockError
+from localist.server.engine import EngineUnavailable
 
 log = logging.getLogger("localist.server")
 
@@ -33,6 +35,10 @@ class ApiError(Exception):
     @classmethod
     def from_block_error(cls, exc: BlockError) -> ApiError:
         return cls(400, str(exc), exc.field, "invalid_value")
+
+    @classmethod
+    def from_engine_unavailable(cls, exc: EngineUnavailable, note: str = "") -> ApiError:
+        return cls(503, f"{exc}{note}", None, "engine_unavailable", {"Retry-After": str(exc.retry_after)})
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": _TYPES.get(self.status, "server_error"),
@@ -67,6 +73,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
         return _error_response(exc, request)
+
+    @app.exception_handler(EngineUnavailable)
+    async def _engine_unavailable(request: Request, exc: EngineUnavailable):
+        return _error_response(ApiError.from_engine_unavailable(exc), request)
 
     @app.exception_handler(BlockError)
     async def _block_error(request: Request, exc: BlockError):

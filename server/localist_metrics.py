@@ -36,7 +36,7 @@ class ChoiceStats:
         """Fetch the rows not yet held; with ``release`` the worker frees the request's record."""
         if self.released:
             return
-        got = await fetch_stats(engine.llm, self.engine_id, since=self.have, release=release)
+        got = await fetch_stats(engine, self.engine_id, since=self.have, release=release)
         self.released = release
         if got.mass.numel():
             for k in FIELDS:

@@ -1,7 +1,8 @@
 """Request ids and Prometheus metrics.
 
 Each app owns its registry (not the process-global one that vLLM also writes to), so two apps in one
-process — as in tests — do not collide.
+process — as in tests — do not collide. The engine's own state (up or restarting, restarts) is read
+from the engine at each scrape, so the metrics cannot disagree with ``/health``.
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import time
 import uuid
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("localist.server")
@@ -33,6 +36,22 @@ class Metrics:
         self.dial = Histogram("localist_dial_rho", "Mean dial ρ of generation requests", registry=r, buckets=UNIT)
         self.fidelity = Histogram("localist_pointer_fidelity", "Response-level pointer fidelity",
                                   registry=r, buckets=UNIT)
+
+    def watch_engine(self, engine) -> None:
+        self.registry.register(EngineCollector(engine))
+
+
+class EngineCollector(Collector):
+    """``localist_engine_up`` (1 serving, 0 down or restarting) and ``localist_engine_restarts_total``."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+
+    def collect(self):
+        yield GaugeMetricFamily("localist_engine_up", "1 while the engine serves, 0 while it is down or restarting",
+                                value=1 if self.engine.running else 0)
+        yield CounterMetricFamily("localist_engine_restarts", "Engines started after the engine died",
+                                  value=self.engine.restarts)
 
 
 class RequestIdMiddleware:

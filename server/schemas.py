@@ -371,8 +371,13 @@ class ModelList(_Response):
 class Health(_Response):
     status: Literal["ok", "degraded"]
     model: str
-    engine: Literal["running", "dead"]
+    engine: Literal["running", "restarting"] = Field(
+        description="`restarting`: the engine died and a new one is starting; generation is answered 503 "
+                    "with Retry-After meanwhile.")
     engine_requests: int = Field(description="Requests unfinished in the engine (running or waiting).")
+    engine_restarts: int = Field(description="Engines started after the engine died, since the server started.")
+    engine_down_since: float | None = Field(description="Unix time the current outage began; null while serving.")
+    engine_last_failure: str | None = Field(description="Why the engine last died (kept after it is back).")
     audit_store: Literal["ok", "error"]
     dev_mode: bool = Field(description="Local dev mode: the audit store has never held an API key, so every caller "
                            "is the admin of tenant `default`. False for good once any process created a key.")

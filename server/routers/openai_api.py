@@ -3,7 +3,9 @@
 Lifecycle of a generation: prepare (all 400s happen here, nothing is stored) → engine → statistics
 and metrics → audit record written (awaited: an acknowledged response is durable) → response. A
 client that disconnects cancels the engine requests (vLLM aborts them) and the request is stored as
-``aborted``; an engine failure is stored as ``failed`` and answered 500.
+``aborted``. A failure is stored as ``failed`` with its error and answered with that error (streaming:
+an in-band error event and no ``[DONE]``): 500 when the generation failed (e.g. the localist attention
+raised in the worker), 503 with Retry-After when the engine died under it (a new one is starting).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from localist.server import schemas as S
 from localist.server.auth import Principal, principal
+from localist.server.engine import EngineUnavailable
 from localist.server.errors import ApiError
 from localist.server.generation import (
     ChoiceState, Prepared, blocks_info, chat_logprobs, completion_logprobs, prepare, usage,
@@ -29,12 +32,21 @@ log = logging.getLogger("localist.server")
 router = APIRouter(prefix="/v1", tags=["openai"])
 
 ERRORS = {code: {"model": S.ErrorResponse} for code in (400, 401, 404, 429, 500)}
+GENERATION_ERRORS = ERRORS | {503: {"model": S.ErrorResponse}}  # the engine restarts after a death
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DISCONNECT_POLL_S = 0.2
 
 
 class Aborted(Exception):
     """The client went away before the response was complete."""
+
+
+def failure(exc: Exception, record_id: str) -> ApiError:
+    """The answer to a generation that failed with ``exc`` (already stored as record ``record_id``)."""
+    stored = f" (stored as audit record {record_id})"
+    if isinstance(exc, EngineUnavailable):
+        return ApiError.from_engine_unavailable(exc, stored)
+    return ApiError(500, f"generation failed: {type(exc).__name__}: {exc}{stored}", None, "generation_failed")
 
 
 # --------------------------------------------------------------------------- the run of one request
@@ -72,9 +84,12 @@ class Run:
         return self.result
 
     async def release_stats(self) -> None:
-        """Free the worker's statistics of every choice (also after an abort)."""
-        for s in self.stats:
-            await s.release(self.engine)
+        """Free the worker's statistics of every choice (also after an abort or a failure: one choice's
+        error does not keep the others' records); raises the first error."""
+        results = await asyncio.gather(*(s.release(self.engine) for s in self.stats), return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
 
     def record(self, status: str, error: str | None = None) -> dict[str, Any]:
         """The audit record (server/store/records.py documents the fields)."""
@@ -150,13 +165,14 @@ class Run:
             m.fidelity.observe(self.result.choices[0].pointer_fidelity)
         return receipt
 
-    def store_in_background(self, status: str, error: str | None = None) -> None:
-        """For a cancelled handler: the write must outlive the cancelled task."""
+    def store_in_background(self, status: str, error: str | None = None) -> asyncio.Task:
+        """Release the statistics and store the record in a task of its own: the write outlives a cancelled
+        handler (await it through ``asyncio.shield`` to answer only once the record is durable)."""
         async def write():
             try:
                 await self.release_stats()
-            except Exception:  # noqa: BLE001 — the record matters more than the statistics
-                log.exception("releasing statistics of %s failed", self.prep.request_id)
+            except Exception as exc:  # noqa: BLE001 — the record matters more than the statistics
+                log.warning("releasing statistics of %s failed: %s: %s", self.prep.request_id, type(exc).__name__, exc)
             try:
                 await self.store(status, error)
             except Exception:  # noqa: BLE001 — nobody awaits this task: say it loudly
@@ -165,6 +181,7 @@ class Run:
         task = asyncio.get_running_loop().create_task(write())
         self.app.state.background.add(task)
         task.add_done_callback(self.app.state.background.discard)
+        return task
 
 
 async def drain(app: FastAPI) -> None:
@@ -238,14 +255,9 @@ async def run_to_end(run: Run) -> None:
         raise Aborted()
     exc = work.exception()
     if exc is not None:
-        log.error("generation %s failed: %r", run.prep.request_id, exc)
-        try:
-            await run.release_stats()
-        except Exception:  # noqa: BLE001 — a dead engine cannot release; the record still gets written
-            log.exception("releasing statistics of %s failed", run.prep.request_id)
-        await run.store("failed", f"{type(exc).__name__}: {exc!r}")
-        raise ApiError(500, f"generation failed: {type(exc).__name__}: {exc} (stored as audit record "
-                       f"{run.prep.request_id})", None, "engine_error")
+        log.error("generation %s failed: %s: %s", run.prep.request_id, type(exc).__name__, exc)
+        await asyncio.shield(run.store_in_background("failed", f"{type(exc).__name__}: {exc}"))
+        raise failure(exc, run.prep.request_id)
     await run.store("completed")
 
 
@@ -332,10 +344,9 @@ async def _stream(run: Run, endpoint: str) -> AsyncIterator[str]:
     except Exception as exc:  # the status line is sent: report in-band, store as failed
         if completed:
             raise
-        log.error("generation %s failed while streaming: %r", prep.request_id, exc)
-        run.store_in_background("failed", f"{type(exc).__name__}: {exc}")
-        err = ApiError(500, f"generation failed: {type(exc).__name__}: {exc}", None, "engine_error")
-        yield f"data: {json.dumps(err.body())}\n\n"
+        log.error("generation %s failed while streaming: %s: %s", prep.request_id, type(exc).__name__, exc)
+        await asyncio.shield(run.store_in_background("failed", f"{type(exc).__name__}: {exc}"))
+        yield f"data: {json.dumps(failure(exc, prep.request_id).body())}\n\n"
     finally:
         app.state.limiter.release(run.who.key)
 
@@ -347,6 +358,7 @@ async def _generate(request: Request, who: Principal, req, endpoint: str):
     app = request.app
     settings = app.state.settings
     prep = prepare(app.state.engine, req, endpoint, settings.default_rho, settings.max_blocks)
+    app.state.engine.ensure_serving()  # while the engine restarts: 503 + Retry-After, nothing stored
     await app.state.limiter.acquire(who.key)
     run = Run(request, who, prep)
     if req.stream:
@@ -360,13 +372,13 @@ async def _generate(request: Request, who: Principal, req, endpoint: str):
     return _chat_response(run) if endpoint == "chat" else _completion_response(run)
 
 
-@router.post("/chat/completions", response_model=S.ChatCompletionResponse, responses=ERRORS)
+@router.post("/chat/completions", response_model=S.ChatCompletionResponse, responses=GENERATION_ERRORS)
 async def chat_completions(body: S.ChatCompletionRequest, request: Request, who: Principal = Depends(principal)):
     """Chat completion; with `stream` the events are `ChatCompletionChunk`s, then `data: [DONE]`."""
     return await _generate(request, who, body, "chat")
 
 
-@router.post("/completions", response_model=S.CompletionResponse, responses=ERRORS)
+@router.post("/completions", response_model=S.CompletionResponse, responses=GENERATION_ERRORS)
 async def completions(body: S.CompletionRequest, request: Request, who: Principal = Depends(principal)):
     """Text completion of one prompt; with `stream` the events are `CompletionResponse`s, then `data: [DONE]`."""
     return await _generate(request, who, body, "completions")

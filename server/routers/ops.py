@@ -11,9 +11,10 @@ router = APIRouter(tags=["operations"])
 
 @router.get("/health", response_model=S.Health)
 async def health(request: Request, response: Response):
-    """503 when the engine died or the audit store cannot be read."""
+    """503 while the engine is down (it restarts by itself) or the audit store cannot be read."""
     state = request.app.state
-    engine_ok = state.engine.running
+    engine = state.engine
+    engine_ok = engine.running
     try:
         await state.store.alist_keys(include_revoked=False)
         await state.dev_mode.refresh()
@@ -22,9 +23,13 @@ async def health(request: Request, response: Response):
         store_ok = False
     ok = engine_ok and store_ok
     response.status_code = 200 if ok else 503
+    if not engine_ok:
+        response.headers["Retry-After"] = str(engine.retry_after())
     return S.Health(status="ok" if ok else "degraded", model=state.engine.name,
-                    engine="running" if engine_ok else "dead",
-                    engine_requests=state.engine.llm.get_num_unfinished_requests() if engine_ok else 0,
+                    engine="running" if engine_ok else "restarting",
+                    engine_requests=engine.llm.get_num_unfinished_requests() if engine_ok else 0,
+                    engine_restarts=engine.restarts, engine_down_since=engine.down_since,
+                    engine_last_failure=engine.last_failure,
                     audit_store="ok" if store_ok else "error",
                     dev_mode=state.dev_mode.on)
 
@@ -32,5 +37,5 @@ async def health(request: Request, response: Response):
 @router.get("/metrics", response_class=Response,
             responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}})
 async def metrics(request: Request):
-    """Prometheus exposition: requests, tokens, latency, dial and fidelity histograms."""
+    """Prometheus exposition: requests, tokens, latency, dial and fidelity histograms, engine up and restarts."""
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
