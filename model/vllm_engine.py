@@ -35,9 +35,10 @@ from localist.model.blocks import BlockError, LocalistParams
 
 EXTRA_ARGS_KEY = "localist"
 STATS_FIELDS = ("log_mass", "mass", "inner_entropy")
+# HF architectures served as localist: vLLM's own class for each, with its attention layers swapped
+# (vllm_model.localist_class); SmolLM and Llama-3 checkpoints are LlamaForCausalLM.
 ARCHITECTURES = {
-    "LlamaForCausalLM": "LocalistLlamaForCausalLM",
-    "Qwen2ForCausalLM": "LocalistQwen2ForCausalLM",
+    arch: f"Localist{arch}" for arch in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 }
 STATS_TTL_S = float(os.environ.get("LOCALIST_STATS_TTL", "600"))
 

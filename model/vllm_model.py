@@ -30,8 +30,11 @@ from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.attention.attention import unified_kv_cache_update
 from vllm.model_executor.models.llama import LlamaForCausalLM
+from vllm.model_executor.models.mistral import MistralForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
+from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 from vllm.model_executor.models.utils import extract_layer_index
+from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionMetadata, _get_attn_isa
 
 from localist.model.attention import NEG_INF, dial_mass, localist_attention, merge_block_partials
@@ -122,6 +125,7 @@ class _Plan:
     def fail(self, message: str) -> None:
         """End every localist request of the step (the worker forces their stop token), keep the cause."""
         log.error("localist: %s; ending %d localist request(s) of this step", message, len(self.states))
+        message = message if len(message) <= 500 else message[:497] + "..."  # an exception may print whole tensors
         for state in self.states:
             WORKER.fail(state, message)
         self.failed = True
@@ -432,33 +436,61 @@ class LocalistAttentionLayer(Attention):
         return torch.stack([st.log_mass, st.mass, st.inner_entropy]).view(3, H, -1)
 
 
+def check_attention(layer: Attention, max_model_len: int) -> None:
+    """Refuse, at engine start, a layer whose attention is not the plain causal softmax the dial
+    reshapes (docs/theory.md §2): a sliding window shorter than the context, ALiBi, a logit soft cap,
+    sinks, a KV cache shared with another layer, V of another head size. Read from vLLM's own layer."""
+    impl, window = layer.impl, getattr(layer.impl, "sliding_window", -1)
+    if window is not None and 0 < window < max_model_len:
+        raise ValueError(f"{layer.layer_name}: a sliding window of {window} tokens; localist attention reads "
+                         f"every key of the context — serve with --max-model-len {window} or less")
+    refusals = {
+        f"vLLM's {type(layer).__name__}, not its plain Attention": type(layer) is not Attention,
+        "ALiBi slopes": getattr(impl, "alibi_slopes", None) is not None,
+        "a logit soft cap": bool(getattr(impl, "logits_soft_cap", 0)),
+        "attention sinks": getattr(impl, "sinks", None) is not None,
+        "a KV cache shared with another layer": layer.kv_sharing_target_layer_name is not None,
+        "a value head size unlike the key's": layer.head_size_v != layer.head_size,
+        f"attention type {layer.attn_type}": layer.attn_type != AttentionType.DECODER,
+    }
+    found = [what for what, present in refusals.items() if present]
+    if found:
+        raise ValueError(f"{layer.layer_name}: {', '.join(found)}; localist attention takes over plain causal "
+                         "softmax attention only")
+
+
 def _localize(model: torch.nn.Module, vllm_config) -> None:
     """Swap every vLLM attention layer of ``model`` for the localist one (weights untouched)."""
     if not vllm_config.model_config.enforce_eager:
         raise ValueError("enforce_eager: localist models run their attention eagerly; start vLLM with enforce_eager=True")
-    cache_config = vllm_config.cache_config
-    for module in model.modules():
-        if type(module) is Attention:
-            # the KV-cache layout vLLM's CPU attention will pick for this layer (it sets layer.isa later)
-            isa = _get_attn_isa(vllm_config.model_config.dtype, cache_config.block_size, module.head_size,
-                                cache_config.cache_dtype)
-            require_supported(isa, cache_config.cache_dtype)
-            module.__class__ = LocalistAttentionLayer
-            module.localist_layer = extract_layer_index(module.layer_name)
+    cache_config, max_model_len = vllm_config.cache_config, vllm_config.model_config.max_model_len
+    layers = [module for module in model.modules() if isinstance(module, Attention)]
+    if not layers:
+        raise ValueError(f"{type(model).__name__}: no vLLM attention layer to make localist")
+    for module in layers:
+        check_attention(module, max_model_len)
+        # the KV-cache layout vLLM's CPU attention will pick for this layer (it sets layer.isa later)
+        isa = _get_attn_isa(vllm_config.model_config.dtype, cache_config.block_size, module.head_size,
+                            cache_config.cache_dtype)
+        require_supported(isa, cache_config.cache_dtype)
+        module.__class__ = LocalistAttentionLayer
+        module.localist_layer = extract_layer_index(module.layer_name)
     paged_kernel()  # build (first start on a host) or load it now, not on the first request
 
 
-class LocalistLlamaForCausalLM(LlamaForCausalLM):
-    """Llama with localist attention; loads any Llama checkpoint."""
+def localist_class(base: type) -> type:
+    """vLLM's own model class ``base`` — same layers, same weight loading — with localist attention."""
 
     def __init__(self, *, vllm_config, prefix: str = ""):
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        base.__init__(self, vllm_config=vllm_config, prefix=prefix)
         _localize(self, vllm_config)
 
+    doc = f"{base.__name__} with localist attention; loads any checkpoint vLLM's {base.__name__} loads."
+    return type(f"Localist{base.__name__}", (base,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
 
-class LocalistQwen2ForCausalLM(Qwen2ForCausalLM):
-    """Qwen2 with localist attention; loads any Qwen2 checkpoint."""
 
-    def __init__(self, *, vllm_config, prefix: str = ""):
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        _localize(self, vllm_config)
+# One class per architecture of vllm_engine.ARCHITECTURES, each tested against the reference model.
+LocalistLlamaForCausalLM = localist_class(LlamaForCausalLM)
+LocalistMistralForCausalLM = localist_class(MistralForCausalLM)
+LocalistQwen2ForCausalLM = localist_class(Qwen2ForCausalLM)
+LocalistQwen3ForCausalLM = localist_class(Qwen3ForCausalLM)

@@ -11,6 +11,8 @@ from __future__ import annotations
 def register() -> None:
     from vllm import ModelRegistry
 
-    for name in ("LocalistLlamaForCausalLM", "LocalistQwen2ForCausalLM"):
+    from localist.model.vllm_engine import ARCHITECTURES
+
+    for name in ARCHITECTURES.values():
         if name not in ModelRegistry.get_supported_archs():
             ModelRegistry.register_model(name, f"localist.model.vllm_model:{name}")
