@@ -1,21 +1,30 @@
-"""`localist train` and `localist eval`: the default model's training and its results table."""
+"""`localist train`, `localist finetune`, `localist merge` and `localist eval`: training, the LoRA
+fine-tune of a pretrained model, its merge into a servable folder, and the results table."""
 from __future__ import annotations
 
 import argparse
 import json
 from dataclasses import MISSING, fields
 
-from localist.model.train_config import TrainConfig
+from localist.model.train_config import FinetuneConfig, TrainConfig
 
 
-def train_config(args: argparse.Namespace) -> TrainConfig:
+def _config(args: argparse.Namespace, cls):
     """The run's settings: the flags given, the defaults for the rest."""
-    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
+    values = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
     for name, value in values.items():
         if isinstance(value, list):  # the (start, end) ramps
             values[name] = tuple(value)
     values["progress"] = not args.no_progress
-    return TrainConfig(**values)
+    return cls(**values)
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    return _config(args, TrainConfig)
+
+
+def finetune_config(args: argparse.Namespace) -> FinetuneConfig:
+    return _config(args, FinetuneConfig)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -23,6 +32,36 @@ def _train(args: argparse.Namespace) -> int:
 
     path = train(train_config(args))
     print(f"model written to {path}")
+    return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from localist.model.finetune import finetune
+
+    path = finetune(finetune_config(args))
+    print(f"adapter written to {path}")
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from localist.model.finetune import base_folder, merge_adapter, merged_model_dir
+
+    if args.out:
+        with tempfile.TemporaryDirectory() as work:  # a GGUF base is converted here, then dropped
+            out = merge_adapter(base_folder(args.base, Path(work)), args.adapter, args.out)
+    elif args.base.endswith(".gguf"):
+        from localist.server.cli import data_dir
+
+        out = merged_model_dir(args.base, args.adapter, data_dir())
+    else:
+        print("localist merge: --out: needed when --base is a folder (the cache is keyed by the GGUF's sha256)",
+              file=sys.stderr)
+        return 2
+    print(out)
     return 0
 
 
@@ -49,24 +88,41 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(subparsers) -> None:
-    train = subparsers.add_parser("train", help="train the default localist model (data, tokenizer, dial, recruitment)")
-    for f in fields(TrainConfig):
+def _add_config_flags(parser: argparse.ArgumentParser, cls, required_help: dict[str, str]) -> None:
+    """One flag per field of the settings dataclass ``cls``."""
+    for f in fields(cls):
         if f.name == "progress":
             continue
         flag = "--" + f.name.replace("_", "-")
         if f.default is MISSING:
-            train.add_argument(flag, dest=f.name, required=True, help="output folder (checkpoints resume from here)")
+            parser.add_argument(flag, dest=f.name, required=True, help=required_help[f.name])
         elif isinstance(f.default, bool):  # --flag / --no-flag (type=bool would take "False" as true)
-            train.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                               help=f"default {f.default}")
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"default {f.default}")
         elif isinstance(f.default, tuple):
-            train.add_argument(flag, dest=f.name, type=float, nargs=len(f.default), default=None,
-                               help=f"default {' '.join(map(str, f.default))}")
+            parser.add_argument(flag, dest=f.name, type=float, nargs=len(f.default), default=None,
+                                help=f"default {' '.join(map(str, f.default))}")
         else:
-            train.add_argument(flag, dest=f.name, type=type(f.default), default=None, help=f"default {f.default}")
-    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+            parser.add_argument(flag, dest=f.name, type=type(f.default), default=None, help=f"default {f.default}")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_commands(subparsers) -> None:
+    train = subparsers.add_parser("train", help="train the default localist model (data, tokenizer, dial, recruitment)")
+    _add_config_flags(train, TrainConfig, {"out": "output folder (checkpoints resume from here)"})
     train.set_defaults(func=_train)
+
+    ft = subparsers.add_parser("finetune", help="LoRA fine-tune of a pretrained model on the rulebook task, with the dial")
+    _add_config_flags(ft, FinetuneConfig, {"out": "output folder of the adapter",
+                                           "base": "the pretrained base: a .gguf file or a Hugging Face folder"})
+    ft.set_defaults(func=_finetune)
+
+    merge = subparsers.add_parser("merge", help="merge a LoRA adapter into its base as a float32 folder vLLM serves")
+    merge.add_argument("--base", required=True, help="the base the adapter was trained on: a .gguf file or a folder")
+    merge.add_argument("--adapter", required=True, help="the adapter folder (adapter_config.json, adapter_model.safetensors)")
+    merge.add_argument("--out", help="folder to write (default: $LOCALIST_HOME/models/<GGUF sha256>-<adapter sha256>-"
+                                     "float32, written once; needs a .gguf base)")
+    merge.set_defaults(func=_merge)
 
     ev = subparsers.add_parser("eval", help="regenerate a model's results table over the dial")
     ev.add_argument("--model", default="models/localist-tiny", help="model folder (default: the shipped model)")
