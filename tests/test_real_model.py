@@ -11,6 +11,7 @@ is tested in float32 only: bf16 is not batch-invariant even in stock vLLM.
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib.util
 import json
 import os
@@ -19,7 +20,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from unittest import mock
 
 import httpx
 import openai
@@ -27,7 +27,6 @@ import pytest
 
 from localist.clients.cli import main as localist_cli
 from localist.model.gguf_import import PROVENANCE_FILE, file_sha256
-from localist.server.cli import imported_model_dir
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE = Path(os.environ.get("LOCALIST_TEST_CACHE") or Path(sys.prefix) / "localist-test-cache")
@@ -75,9 +74,14 @@ def cache_env() -> dict[str, str]:
     return {**os.environ, "LOCALIST_HOME": str(CACHE), "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONUNBUFFERED": "1"}
 
 
+@functools.cache
+def gguf_sha256() -> str:
+    return file_sha256(gguf_file())
+
+
 def cached_model_dir(dtype: str) -> Path:
-    with mock.patch.dict(os.environ, {"LOCALIST_HOME": str(CACHE)}):
-        return imported_model_dir(gguf_file(), dtype)
+    """Where `localist import` and `serve --model FILE.gguf` convert to: $LOCALIST_HOME/models/<sha256[:16]>-<dtype>."""
+    return CACHE / "models" / f"{gguf_sha256()[:16]}-{dtype}"
 
 
 @pytest.fixture(scope="session")
@@ -207,7 +211,7 @@ def test_import_writes_a_plain_folder_with_the_files_tokenizer_and_provenance(sm
     from transformers import AutoTokenizer
 
     provenance = json.loads((smollm2_f32 / PROVENANCE_FILE).read_text())
-    assert provenance["source"] == {"format": "gguf", "file": GGUF_NAME, "sha256": file_sha256(gguf_file())}
+    assert provenance["source"] == {"format": "gguf", "file": GGUF_NAME, "sha256": gguf_sha256()}
     assert provenance["dtype"] == "float32"
     config = json.loads((smollm2_f32 / "config.json").read_text())
     assert "quantization_config" not in config and config["dtype"] == "float32"
@@ -305,7 +309,7 @@ async def test_bf16_logprobs_follow_float32_up_to_the_first_near_tie(servers, fl
     A misread KV cache is off by nats from the first token.
     """
     provenance = json.loads((cached_model_dir("bfloat16") / PROVENANCE_FILE).read_text())
-    assert provenance["dtype"] == "bfloat16" and provenance["source"]["sha256"] == file_sha256(gguf_file())
+    assert provenance["dtype"] == "bfloat16" and provenance["source"]["sha256"] == gguf_sha256()
     bf16 = await post_all(servers["bf16"], block_requests())
     errors: dict[float, list[float]] = {rho: [] for rho in RHOS}
     for (_, body), reference, ours in zip(block_requests(), float32_batch, bf16):
