@@ -53,7 +53,9 @@ T = TypeVar("T")
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 # Retried: the request was not processed (rate limit) or the server failed; never other 4xx.
-RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+# Not 500: the server answers a failure of the request itself (e.g. its localist attention failed)
+# with 500, and sending it again fails the same way; an engine outage is a 503 with Retry-After.
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
 
 
 @dataclass(frozen=True)

@@ -311,8 +311,11 @@ class ModelList(_Model):
 class Health(_Model):
     status: Literal["ok", "degraded"]
     model: str
-    engine: Literal["running", "dead"]
+    engine: Literal["running", "restarting"]
     engine_requests: int
+    engine_restarts: int
+    engine_down_since: float | None
+    engine_last_failure: str | None
     audit_store: Literal["ok", "error"]
     dev_mode: bool
 

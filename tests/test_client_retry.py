@@ -24,8 +24,8 @@ from localist.clients import (
     ServerError,
 )
 
-HEALTH = {"status": "ok", "model": "m", "engine": "running", "engine_requests": 0, "audit_store": "ok",
-          "dev_mode": False}
+HEALTH = {"status": "ok", "model": "m", "engine": "running", "engine_requests": 0, "engine_restarts": 0,
+          "engine_down_since": None, "engine_last_failure": None, "audit_store": "ok", "dev_mode": False}
 
 
 def error(message: str, type_: str, param: str | None = None) -> bytes:
@@ -102,12 +102,19 @@ def test_retry_after_is_honoured(scripted):
 
 
 def test_gives_up_after_max_retries_with_the_servers_message(scripted):
-    srv = scripted((500, {"x-request-id": "req-42"}, error("engine died", "server_error")))
+    srv = scripted((503, {"x-request-id": "req-42"}, error("engine restarting", "server_error")))
     with Client(srv.url, max_retries=2, backoff=0.01) as client, pytest.raises(ServerError) as failed:
         client.health()
     assert len(srv.seen) == 3
-    assert failed.value.status_code == 500 and failed.value.message == "engine died"
-    assert failed.value.request_id == "req-42" and "engine died" in str(failed.value)
+    assert failed.value.status_code == 503 and failed.value.message == "engine restarting"
+    assert failed.value.request_id == "req-42" and "engine restarting" in str(failed.value)
+
+
+def test_a_failed_request_is_not_sent_again(scripted):
+    srv = scripted((500, {}, error("generation failed: localist attention failed", "server_error")))
+    with Client(srv.url, max_retries=2, backoff=0.01) as client, pytest.raises(ServerError, match="generation failed"):
+        client.health()
+    assert len(srv.seen) == 1
 
 
 def test_rate_limit_error_after_retries(scripted):

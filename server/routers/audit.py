@@ -179,6 +179,7 @@ async def replay(record_id: str, request: Request, who: Principal = Depends(prin
     if record["kind"] != "request":
         raise ApiError(409, f"record {record_id!r} is a {record['kind']} record, not a request", "id",
                        "not_replayable")
+    request.app.state.engine.ensure_serving()  # while the engine restarts: 503 + Retry-After, nothing stored
     prep = prepare_replay(request.app.state.engine, record)
     await request.app.state.limiter.acquire(who.key)
     run = Run(request, who, prep)
