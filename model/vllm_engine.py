@@ -271,17 +271,21 @@ class RequestStats:
     num_tokens: int  # tokens with statistics so far (all of them, not only those returned)
 
 
-def _to_stats(reply: dict[str, Any], request_id: str) -> RequestStats:
-    if reply.get("failure"):
-        raise LocalistWorkerError(reply["failure"])
-    if reply.get("error"):
-        raise BlockError(EXTRA_ARGS_KEY, f"request {request_id!r} ran without localist attention: {reply['error']}")
-    tensors = {
-        k: torch.frombuffer(bytearray(reply[k]["data"]), dtype=torch.float32).view(reply[k]["shape"])
-        if reply.get(k) else torch.empty(0, 0, 0, 0)
-        for k in STATS_FIELDS
-    }
-    return RequestStats(**tensors, num_tokens=int(reply.get("num_tokens", 0)))
+def _to_stats(replies: list[dict[str, Any]], request_id: str) -> RequestStats:
+    """One reply per worker, in rank order. Under tensor parallelism each rank holds a contiguous slice
+    of every layer's heads, so the statistics are the ranks' [T, L, H_rank, G] joined along heads."""
+    for reply in replies:
+        if reply.get("failure"):
+            raise LocalistWorkerError(reply["failure"])
+        if reply.get("error"):
+            raise BlockError(EXTRA_ARGS_KEY, f"request {request_id!r} ran without localist attention: {reply['error']}")
+    num_tokens = min(int(reply.get("num_tokens", 0)) for reply in replies)
+    tensors = {}
+    for k in STATS_FIELDS:
+        parts = [torch.frombuffer(bytearray(r[k]["data"]), dtype=torch.float32).view(r[k]["shape"])
+                 for r in replies if r.get(k)]
+        tensors[k] = torch.cat(parts, dim=2) if parts else torch.empty(0, 0, 0, 0)
+    return RequestStats(**tensors, num_tokens=num_tokens)
 
 
 async def fetch_stats(engine, request_id: str, *, since: int = 0, release: bool = False) -> RequestStats:
@@ -291,13 +295,13 @@ async def fetch_stats(engine, request_id: str, *, since: int = 0, release: bool 
     call it once per request, also for aborted ones.
     """
     replies = await engine.collective_rpc("localist_stats", args=(request_id, since, release))
-    return _to_stats(replies[0], request_id)
+    return _to_stats(replies, request_id)
 
 
 def fetch_stats_sync(llm, request_id: str, *, since: int = 0, release: bool = False) -> RequestStats:
     """The same for an offline ``vllm.LLM``."""
     replies = llm.collective_rpc("localist_stats", args=(request_id, since, release))
-    return _to_stats(replies[0], request_id)
+    return _to_stats(replies, request_id)
 
 
 # --------------------------------------------------------------------------------------------------

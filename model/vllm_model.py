@@ -463,6 +463,9 @@ def _localize(model: torch.nn.Module, vllm_config) -> None:
     """Swap every vLLM attention layer of ``model`` for the localist one (weights untouched)."""
     if not vllm_config.model_config.enforce_eager:
         raise ValueError("enforce_eager: localist models run their attention eagerly; start vLLM with enforce_eager=True")
+    if vllm_config.parallel_config.pipeline_parallel_size > 1:
+        raise ValueError("pipeline_parallel_size: localist collects every layer's statistics in one worker per "
+                         "rank; use tensor parallelism (--tensor-parallel-size) instead")
     cache_config, max_model_len = vllm_config.cache_config, vllm_config.model_config.max_model_len
     layers = [module for module in model.modules() if isinstance(module, Attention)]
     if not layers:
