@@ -71,11 +71,11 @@ def layout(n: int, i: int) -> list[list]:
     return [[a, b, kinds[k], int(k == (i % 6)), 0] for k, (a, b) in enumerate(zip(cuts, cuts[1:]))]
 
 
-def dial(i: int) -> list[float]:
+def dial(i: int, num_layers: int) -> list[float]:
     """Mixed dials across the batch: 0.5, 0.9, 1, a per-layer ramp and 0 (a lone request gets 0.5)."""
     choices = [0.5, 0.9, 1.0, None, 0.0]
     c = choices[i % len(choices)]
-    return [round(l / (NUM_LAYERS - 1), 3) for l in range(NUM_LAYERS)] if c is None else [c] * NUM_LAYERS
+    return [round(l / (num_layers - 1), 3) for l in range(num_layers)] if c is None else [c] * num_layers
 
 
 def prompts_for(n: int, c: int, rep: int) -> list[list[int]]:
@@ -102,7 +102,7 @@ def timed_batch(llm, prompts, max_tokens: int, localist: bool, tag: str) -> dict
         if localist:
             rid = f"{tag}-{i}"
             ids.append(rid)
-            extra = {"localist": LocalistParams(dial(i), layout(len(p), i), rid).to_json()}
+            extra = {"localist": LocalistParams(dial(i, NUM_LAYERS), layout(len(p), i), rid).to_json()}
         params.append(SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, detokenize=False,
                                      extra_args=extra))
     load_1min = os.getloadavg()[0]
