@@ -137,6 +137,14 @@ def host_facts() -> dict:
             "env": {k: os.environ.get(k) for k in HOST_ENV}}
 
 
+def code_version() -> dict:
+    """The commit measured and the files of the measured code that differ from it."""
+    git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, check=True,  # noqa: E731
+                                    cwd=Path(__file__).resolve().parent).stdout
+    return {"commit": git("rev-parse", "HEAD").strip(),
+            "uncommitted": [line[3:] for line in git("status", "--porcelain", "--", "../model", ".").splitlines()]}
+
+
 def worker_facts(worker) -> dict:
     """Runs inside vLLM's worker (``LLM.collective_rpc``): the ISA its CPU attention set on each layer
     (``layer.isa``), the threads the worker really runs with, and the resident memory of the worker
@@ -291,7 +299,8 @@ def markdown(report: dict) -> str:
     load = lambda x: ", ".join(f"{v:.1f}" for v in x)  # noqa: E731
     lines = [
         f"# localist vs stock vLLM ({report['mode']}, {report['dtype']}, {'AMX' if host['amx'] else 'no AMX'})", "",
-        f"Command: `{report['command']}`", "",
+        f"Command: `{report['command']}` (commit {report['code']['commit'][:10]}; uncommitted changes in "
+        f"{', '.join(report['code']['uncommitted']) or 'none'})", "",
         f"- Host: {host['cpu_model']}, {host['cpus']} CPUs; AMX (amx_bf16, amx_tile): "
         f"{'yes' if host['amx'] else 'no'}; avx512_bf16: {'yes' if host['avx512_bf16'] else 'no'}. "
         f"Python {host['python']}, torch {host['torch']}, vLLM {host['vllm']}.",
@@ -335,7 +344,7 @@ def main() -> None:
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     configs = [(512, 1), (512, 16)] if args.quick else [(512, 1), (512, 16), (2048, 1), (2048, 16)]
     steps = 16 if args.quick else 32
-    host = host_facts()
+    host, code = host_facts(), code_version()
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         bench = Bench(make_model(Path(tmp) / "bench-llama", args.dtype), args.dtype, configs, steps, args.repeats)
@@ -343,7 +352,7 @@ def main() -> None:
     mode = "quick" if args.quick else "full"
     report = {"mode": mode, "command": command, "dtype": args.dtype, "decode_steps": steps, "repeats": args.repeats,
               "alternation": alternation, "load_average_before": load_before, "load_average_after": os.getloadavg(),
-              "host": host, "engines": bench.engine_facts,
+              "host": host, "code": code, "engines": bench.engine_facts,
               "rows": [summary_row(n, c, bench.runs["stock"][f"{n}x{c}"], bench.runs["localist"][f"{n}x{c}"])
                        for n, c in configs],
               "note": "ratio = stock median time / localist median time (1.0 = same speed, higher is better for localist)"}
