@@ -205,11 +205,11 @@ class Bench:
         """A batch that does not fit the KV cache would queue or be preempted, and its TTFT and
         step would measure the scheduler, not attention: refuse to measure then."""
         cache = llm.llm_engine.vllm_config.cache_config
-        tokens = cache.num_gpu_blocks * cache.block_size
-        need = max(c * (n + 1 + self.steps) for n, c in self.configs)
-        if tokens < need:
-            raise SystemExit(f"VLLM_CPU_KVCACHE_SPACE={os.environ['VLLM_CPU_KVCACHE_SPACE']} GiB holds {tokens} "
-                             f"{self.dtype} tokens; the largest batch needs {need}: raise VLLM_CPU_KVCACHE_SPACE")
+        need = max(c * -(-(n + 1 + self.steps) // cache.block_size) for n, c in self.configs)
+        if cache.num_gpu_blocks < need:
+            raise SystemExit(f"VLLM_CPU_KVCACHE_SPACE={os.environ['VLLM_CPU_KVCACHE_SPACE']} GiB holds "
+                             f"{cache.num_gpu_blocks} cache blocks of {cache.block_size} {self.dtype} tokens; the "
+                             f"largest batch needs {need}: raise VLLM_CPU_KVCACHE_SPACE")
 
     @staticmethod
     def stop(llm) -> None:
@@ -273,13 +273,13 @@ def spread(values: list[float]) -> dict:
 
 
 def summary_row(n: int, c: int, stock: list[dict], localist: list[dict]) -> dict:
-    """Medians with min/max per engine; ratio = stock median / localist median, and the spread of
-    the per-repeat ratios (stock and localist batches of one repeat ran on the same prompts)."""
+    """Medians with min/max per engine, and the ratio stock / localist of each repeat's two batches
+    (same prompts, run one after the other, so a load change between repeats cancels out)."""
     row: dict = {"prompt_tokens": n, "concurrency": c}
     for metric in ("ttft_s", "decode_step_s"):
-        s, l = spread([r[metric] for r in stock]), spread([r[metric] for r in localist])
-        pairs = [a[metric] / b[metric] for a, b in zip(stock, localist)]
-        row[metric] = {"stock": s, "localist": l, "ratio": s["median"] / l["median"], "repeat_ratios": spread(pairs)}
+        ratios = [a[metric] / b[metric] for a, b in zip(stock, localist)]
+        row[metric] = {"stock": spread([r[metric] for r in stock]), "localist": spread([r[metric] for r in localist]),
+                       "ratio": spread(ratios)}
     row["runs"] = {"stock": stock, "localist": localist}
     return row
 
@@ -288,9 +288,8 @@ def fmt(s: dict, scale: float, digits: int) -> str:
     return f"{scale * s['median']:.{digits}f} [{scale * s['min']:.{digits}f}–{scale * s['max']:.{digits}f}]"
 
 
-def fmt_ratio(figure: dict) -> str:
-    pairs = figure["repeat_ratios"]
-    return f"{figure['ratio']:.2f}× [{pairs['min']:.2f}–{pairs['max']:.2f}]"
+def fmt_ratio(ratio: dict) -> str:
+    return f"{ratio['median']:.2f}× [{ratio['min']:.2f}–{ratio['max']:.2f}]"
 
 
 def markdown(report: dict) -> str:
@@ -314,8 +313,8 @@ def markdown(report: dict) -> str:
         f"- Alternation: {report['alternation']}. {report['repeats']} repeats, {report['decode_steps']} decode "
         f"steps per request. ≈110 M-parameter random Llama; mixed ρ (16 concurrent: 0.5, 0.9, 1, per-layer "
         f"ramp, 0 in turn; 1 concurrent: 0.5), 8 blocks, per-token statistics fetched and released.", "",
-        "Median [min–max] over the repeats. Ratio = stock median / localist median (≥ 1: localist as fast or "
-        "faster), with the range of the per-repeat ratios.", "",
+        "Median [min–max] over the repeats. Ratio = stock time / localist time of each repeat's two batches "
+        "(≥ 1: localist as fast or faster), median [min–max].", "",
         "| prompt | concurrent | TTFT stock s | TTFT localist s | TTFT ratio | decode step stock ms | "
         "decode step localist ms | decode ratio |",
         "|---|---|---|---|---|---|---|---|",
@@ -323,7 +322,7 @@ def markdown(report: dict) -> str:
     for r in report["rows"]:
         t, d = r["ttft_s"], r["decode_step_s"]
         lines.append(f"| {r['prompt_tokens']} | {r['concurrency']} | {fmt(t['stock'], 1, 2)} | {fmt(t['localist'], 1, 2)} "
-                     f"| {fmt_ratio(t)} | {fmt(d['stock'], 1000, 1)} | {fmt(d['localist'], 1000, 1)} | {fmt_ratio(d)} |")
+                     f"| {fmt_ratio(t['ratio'])} | {fmt(d['stock'], 1000, 1)} | {fmt(d['localist'], 1000, 1)} | {fmt_ratio(d['ratio'])} |")
     lines += ["", f"CPU flags (lscpu): {' '.join(host['cpu_flags'])}"]
     return "\n".join(lines) + "\n"
 
@@ -355,7 +354,7 @@ def main() -> None:
               "host": host, "code": code, "engines": bench.engine_facts,
               "rows": [summary_row(n, c, bench.runs["stock"][f"{n}x{c}"], bench.runs["localist"][f"{n}x{c}"])
                        for n, c in configs],
-              "note": "ratio = stock median time / localist median time (1.0 = same speed, higher is better for localist)"}
+              "note": "ratio = stock time / localist time per repeat (1.0 = same speed, higher is better for localist)"}
     stem = f"vllm_{mode}_{args.dtype}_{'amx' if host['amx'] else 'noamx'}"
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=2))
