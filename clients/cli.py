@@ -44,7 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Flags a subcommand does not define pass through only to one that takes them (``serve`` hands
+    # vLLM's engine flags to vLLM's own parser); anywhere else they are an error, as usual.
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "passes_unknown_flags", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.unknown_flags = rest
     if not getattr(args, "func", None):
         parser.print_help()
         return 0 if args.command is None else 2

@@ -9,7 +9,7 @@ import asyncio
 import logging
 import os
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -47,6 +47,7 @@ class Settings:
     allow_dev_mode_on_network: bool = False  # else dev mode on a non-loopback host refuses to start
     seed: int = 0
     ready_message: str | None = None  # printed once the engine is up (how to call the server)
+    engine_overrides: dict = field(default_factory=dict)  # vLLM engine flags given to `localist serve`
 
 
 def _open_store(settings: Settings):
@@ -82,7 +83,7 @@ async def lifespan(app: FastAPI):
         store.close()  # a refused start leaves no signer thread behind
         raise
     engine = Engine(EngineConfig(settings.model_dir, settings.model_name, settings.max_model_len,
-                                 settings.stand_in, settings.seed))
+                                 settings.stand_in, settings.seed, settings.engine_overrides))
     engine.start()
     app.state.engine = engine
     app.state.metrics.watch_engine(engine)

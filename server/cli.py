@@ -71,18 +71,38 @@ def _import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cpu_binding(ranks: int) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for ``ranks`` CPU workers: this process's cores in contiguous shares
+    (vLLM's default ``auto`` binding fails to start tensor parallelism on small hosts)."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < ranks:
+        raise ValueError(f"--tensor-parallel-size {ranks}: only {len(cores)} CPU cores; each rank needs one")
+    share = len(cores) // ranks
+    return "|".join(f"{cores[r * share]}-{cores[(r + 1) * share - 1]}" for r in range(ranks))
+
+
 def _serve(args: argparse.Namespace) -> int:
+    if args.help:
+        _full_serve_parser().print_help()
+        return 0
     import uvicorn
 
     from localist.server.app import Settings, create_app
+    from localist.server.engine_flags import engine_overrides
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        overrides = engine_overrides(args.unknown_flags)
+        ranks = int(overrides.get("tensor_parallel_size", 1))
+        if ranks > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = _cpu_binding(ranks)
+    except ValueError as exc:
+        print(f"localist serve: {exc}", file=sys.stderr)
+        return 2
     stand_in = False
     gguf = args.model is not None and args.model.endswith(".gguf")
     if args.dtype and not gguf:
-        print("localist serve: --dtype: applies to a .gguf model; a model directory is served in its "
-              "config's dtype", file=sys.stderr)
-        return 2
+        overrides["dtype"] = args.dtype  # a directory is served in its config's dtype unless asked
     if gguf:
         if not Path(args.model).is_file():
             print(f"localist serve: --model {args.model}: no such GGUF file", file=sys.stderr)
@@ -122,7 +142,7 @@ def _serve(args: argparse.Namespace) -> int:
         sign_interval_s=args.sign_interval, stand_in=stand_in, max_model_len=args.max_model_len,
         default_rho=args.default_rho, max_blocks=args.max_blocks,
         admin_token=os.environ.get("LOCALIST_ADMIN_KEY") or None, ready_message=ready, host=args.host,
-        allow_dev_mode_on_network=args.allow_dev_mode_on_network,
+        allow_dev_mode_on_network=args.allow_dev_mode_on_network, engine_overrides=overrides,
     )
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=10)
@@ -223,13 +243,29 @@ def _unit(text: str) -> float:
     return value
 
 
-def add_commands(subparsers) -> None:
-    serve = subparsers.add_parser("serve", help="run the OpenAI-compatible localist server")
+SERVE_HELP = "run the OpenAI-compatible localist server"
+SERVE_EPILOG = ("Every vLLM engine flag is accepted as `vllm serve` accepts it (groups below in `localist serve "
+                "--help`); those the localist attention cannot honour (speculative decoding, torch.compile / CUDA "
+                "graphs, a quantized KV cache, pipeline or data parallelism) are refused at start with the reason.")
+
+
+def _full_serve_parser() -> argparse.ArgumentParser:
+    """``localist serve --help``: localist's flags, then vLLM's engine flags in vLLM's groups."""
+    from localist.server.engine_flags import engine_parser
+
+    parser = argparse.ArgumentParser(prog="localist serve", description=SERVE_HELP, epilog=SERVE_EPILOG,
+                                     parents=[engine_parser()], conflict_handler="resolve")
+    _add_serve_flags(parser.add_argument_group("localist"))
+    return parser
+
+
+def _add_serve_flags(serve) -> None:
     serve.add_argument("--model", help=f"model directory or .gguf file (default: models/{SHIPPED_MODEL}, or a "
                        "generated untrained stand-in while none is shipped); a GGUF file is converted once into "
                        "$LOCALIST_HOME/models")
     serve.add_argument("--dtype", choices=DTYPES,
-                       help="dtype a .gguf model is converted to and served in (default: bfloat16)")
+                       help="dtype served in; a .gguf model is converted to it (default: bfloat16 for a GGUF "
+                       "file, the checkpoint's own dtype for a directory)")
     serve.add_argument("--name", help="served model name (default: the directory's name)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--allow-dev-mode-on-network", action="store_true",
@@ -245,8 +281,15 @@ def add_commands(subparsers) -> None:
     serve.add_argument("--max-model-len", type=_positive, default=2048)
     serve.add_argument("--default-rho", type=_unit, default=0.0, help="dial for requests that give none")
     serve.add_argument("--max-blocks", type=_positive, default=64)
-    serve.add_argument("--log-level", default="info")
-    serve.set_defaults(func=_serve)
+    serve.add_argument("--log-level", default="info", help="the HTTP server's log level")
+
+
+def add_commands(subparsers) -> None:
+    # vLLM's engine flags are parsed by vLLM's own parser in _serve (imported only when serving)
+    serve = subparsers.add_parser("serve", help=SERVE_HELP, epilog=SERVE_EPILOG, add_help=False)
+    serve.add_argument("-h", "--help", action="store_true", help="show localist's and vLLM's engine flags")
+    _add_serve_flags(serve)
+    serve.set_defaults(func=_serve, passes_unknown_flags=True)
 
     imp = subparsers.add_parser("import", help="convert a GGUF checkpoint into a model directory to serve",
                                 description="Dequantize a GGUF file into a plain Hugging Face folder (config, "

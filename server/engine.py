@@ -124,14 +124,9 @@ class Engine:
         from localist.model.vllm_engine import engine_args
 
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        args = engine_args(
-            self.model_dir,
-            served_model_name=self.name,
-            max_model_len=self.max_model_len,
-            gpu_memory_utilization=0.3,
-            seed=self.config.seed,
-            **self.config.extra,
-        )
+        settings = {"served_model_name": self.name, "max_model_len": self.max_model_len,
+                    "gpu_memory_utilization": 0.3, "seed": self.config.seed}
+        args = engine_args(self.model_dir, **{**settings, **self.config.extra})  # the user's engine flags win
         began = time.monotonic()
         llm = AsyncLLM.from_engine_args(args)
         self.start_seconds = time.monotonic() - began
@@ -140,8 +135,10 @@ class Engine:
     def start(self) -> None:
         """Start the engine core (tens of seconds on CPU)."""
         self._llm = self._new_llm()
-        log.info("engine started: model %s from %s (%d layers, %d heads, max_model_len %d)",
-                 self.name, self.model_dir, self.num_layers, self.num_heads, self.max_model_len)
+        scheduler = self._llm.vllm_config.scheduler_config
+        log.info("engine started: model %s from %s (%d layers, %d heads, max_model_len %d, max_num_seqs %d; "
+                 "engine flags %s)", self.name, self.model_dir, self.num_layers, self.num_heads, self.max_model_len,
+                 scheduler.max_num_seqs, self.config.extra or "none")
 
     @property
     def running(self) -> bool:

@@ -127,7 +127,8 @@ def localist_server(tmp_path_factory) -> LocalistServer:
     log_path = root / "server.log"
     signing_key = root / "keys" / "signing.pem"
     args = ["--model", str(model_dir), "--name", MODEL_NAME, "--db", db_url, "--signing-key", str(signing_key),
-            "--sign-interval", "1", "--max-model-len", "512"]
+            "--sign-interval", "1", "--max-model-len", "512",
+            "--max-num-seqs", "48"]  # a vLLM engine flag, passed through (tests/test_engine_flags.py)
     with serving(args, port, log_path, root / "home") as proc:
         yield LocalistServer(f"http://127.0.0.1:{port}", admin_key, tenant_key, "acme", MODEL_NAME, model_dir,
                              db_url, signing_key, root / "home", log_path, proc)
