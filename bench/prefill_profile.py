@@ -26,7 +26,10 @@ def setup(n: int):
     from vllm.v1.attention.backends import cpu_attn
 
     from localist.model.blocks import LocalistParams
-    from localist.model.vllm_engine import parse_request
+    import vllm._custom_ops as ops
+
+    from localist.model.kv_layout import PagedKV
+    from localist.model.vllm_engine import LocalistWorker, WorkerSettings, parse_request
     from localist.model.vllm_model import LocalistAttentionLayer, _Prefill, _spans
 
     from bench_vllm import dial, layout
@@ -40,19 +43,17 @@ def setup(n: int):
     with mock.patch.object(cpu_attn, "get_current_vllm_config", lambda: config):
         layer.impl = cpu_attn.CPUAttentionBackendImpl(H, D, D ** -0.5, HKV, None, None, "auto")
     layer.isa, layer._k_scale_float, layer._v_scale_float = "vec", 1.0, 1.0
-    layer._k_transposed, layer.localist_layer = True, 0
+    layer.localist_layer, layer.worker = 0, LocalistWorker(12, WorkerSettings())
     layer.kv_cache = torch.zeros(nblk + 3, HKV, BS, 2 * D, dtype=torch.bfloat16)
     q, k, v = (torch.randn(n, h, D).to(torch.bfloat16) for h in (H, HKV, HKV))
     block_index = torch.arange(nblk) + 1
     slots = (block_index.repeat_interleave(BS) * BS + torch.arange(BS).repeat(nblk))[:n]
-    raw = layer.kv_cache.view(-1, HKV, 2, BS * D)
-    kc, vc = raw[:, :, 0].unflatten(-1, (D, BS)), raw[:, :, 1].unflatten(-1, (BS, D))  # K transposed per block
-    kc[slots // BS, :, :, slots % BS] = k
-    vc[slots // BS, :, slots % BS] = v
+    key_cache, value_cache = layer.kv_cache.view(-1, HKV, 2 * BS, D).chunk(2, dim=2)
+    ops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, slots, layer.isa)  # vLLM's own write
     state = parse_request({"localist": LocalistParams(dial(0, 12), layout(n, 0), "p").to_json()}, list(range(n)), 12)
     ids = state.block_ids(n)
     p = _Prefill(0, n, n, block_index, ids, _spans(ids), state.pinned, state.rho, keep=("p", 0))
-    return layer, p, q, k, v, kc, vc, slots
+    return layer, p, q, k, v, PagedKV(layer.kv_cache, layer.isa), slots
 
 
 def stock(layer, q, slots, n: int):
@@ -97,13 +98,13 @@ def main() -> None:
 
     paged_kernel()
     for n in args.tokens:
-        layer, p, q, k, v, kc, vc, slots = setup(n)
+        layer, p, q, k, v, cache, slots = setup(n)
         reps = 20 if n <= 512 else 5
 
         def localist():
             p.stats.clear()
             out = torch.zeros(n, H, D, dtype=torch.bfloat16)
-            layer._prefill(p, q, k, v, kc, vc, out, 0)
+            layer._prefill(p, q, k, v, cache, out, 0)
             return out
 
         base = dataclasses.replace(p, rho=torch.zeros_like(p.rho), stats=[])  # the same row at ρ = 0
@@ -111,12 +112,12 @@ def main() -> None:
         def rho0():
             base.stats.clear()
             out = torch.zeros(n, H, D, dtype=torch.bfloat16)
-            layer._prefill(base, q, k, v, kc, vc, out, 0)
+            layer._prefill(base, q, k, v, cache, out, 0)
             return out
 
         def stats_only():
             p.stats.clear()
-            layer._last_query_stats(p, q[-1], None, p.rho[0])
+            layer._last_query_stats(p, q[-1], cache, None, p.rho[0])
 
         for threads in args.threads:
             torch.set_num_threads(threads)

@@ -4,10 +4,11 @@ In: the request's :class:`LocalistParams` JSON rides in ``SamplingParams.extra_a
 (vLLM's OpenAI server fills ``extra_args`` from ``vllm_xargs``). :class:`LocalistRowState` is a V1
 logits processor: vLLM calls its ``update_state`` with every change of the persistent batch *before*
 each forward pass, so it keeps ``row → RequestState`` (parsed once, when the request joins the batch)
-where the model, running in the same worker process, reads it. It never touches logits.
+where the model, running in the same worker process, reads it: both reach the engine's one
+:class:`LocalistWorker` through its vLLM config. It leaves logits alone except for a failed row.
 
 Failures stay inside the request: when the localist path raises in a step, the attention layer
-finishes the step with vLLM's own kernel and calls :meth:`_WorkerState.fail` for every localist
+finishes the step with vLLM's own kernel and calls :meth:`LocalistWorker.fail` for every localist
 request of the step; this processor then forces each such row to its stop token, and
 :func:`fetch_stats` raises :class:`LocalistWorkerError` naming the cause. The engine keeps serving.
 
@@ -40,7 +41,6 @@ STATS_FIELDS = ("log_mass", "mass", "inner_entropy")
 ARCHITECTURES = {
     arch: f"Localist{arch}" for arch in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 }
-STATS_TTL_S = float(os.environ.get("LOCALIST_STATS_TTL", "600"))
 
 
 @dataclass
@@ -102,7 +102,28 @@ def parse_request(extra_args: dict[str, Any] | None, prompt_token_ids: list[int]
 
 
 # --------------------------------------------------------------------------------------------------
-# Worker-local state: the row table (written by the logits processor) and the statistics store.
+# Worker-local state, one object per engine: the row table (written by the logits processor), the
+# statistics store and the step in progress (read and written by the attention layers).
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """The worker's environment, read once when its engine starts."""
+
+    stats_ttl_s: float = 600.0  # LOCALIST_STATS_TTL: records of departed requests nobody fetched are dropped
+    fault_label: str | None = None  # LOCALIST_FAULT_LABEL: test switch, the attention raises for such blocks
+    prefill_budget: int = 1 << 24  # LOCALIST_PREFILL_BUDGET: block-partial elements per prefill query chunk
+    use_kernel: bool = True  # LOCALIST_KERNEL=0: the pure-torch path (the oracle the compiled kernel is tested against)
+
+    @classmethod
+    def from_env(cls) -> WorkerSettings:
+        env = os.environ
+        return cls(
+            stats_ttl_s=float(env.get("LOCALIST_STATS_TTL", cls.stats_ttl_s)),
+            fault_label=env.get("LOCALIST_FAULT_LABEL") or None,
+            prefill_budget=int(env.get("LOCALIST_PREFILL_BUDGET", cls.prefill_budget)),
+            use_kernel=env.get("LOCALIST_KERNEL", "1") != "0",
+        )
 
 
 @dataclass
@@ -113,14 +134,16 @@ class _Record:
     left_at: float | None = None  # when the request left the batch (finished, aborted or preempted)
 
 
-class _WorkerState:
-    """Per worker process: the live rows of the persistent batch and the statistics records."""
+class LocalistWorker:
+    """One engine's worker state: the live rows of the persistent batch, the statistics records and
+    the step in progress. Reached through the engine's vLLM config (:func:`worker_state`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, num_layers: int, settings: WorkerSettings) -> None:
+        self.num_layers = num_layers
+        self.settings = settings
         self.rows: dict[int, RequestState] = {}
         self.records: dict[str, _Record] = {}
-        self.num_layers = 0
-        self.fault_label: str | None = None  # LOCALIST_FAULT_LABEL, read once when the engine starts
+        self.step: tuple[object, Any] = (None, None)  # (forward context, plan) of the step in progress
 
     def record(self, request_id: str) -> _Record:
         rec = self.records.get(request_id)
@@ -153,12 +176,21 @@ class _WorkerState:
         return out
 
     def expire(self, now: float) -> None:
-        stale = [rid for rid, rec in self.records.items() if rec.left_at is not None and now - rec.left_at > STATS_TTL_S]
+        ttl = self.settings.stats_ttl_s
+        stale = [rid for rid, rec in self.records.items() if rec.left_at is not None and now - rec.left_at > ttl]
         for rid in stale:
             del self.records[rid]
 
 
-WORKER = _WorkerState()
+def worker_state(vllm_config) -> LocalistWorker:
+    """The engine's one :class:`LocalistWorker`, kept on its vLLM config: the logits processor, the
+    attention layers and the worker extension of one engine receive the same config object (two
+    engines in one process get two states); created by the first of them to ask."""
+    worker = getattr(vllm_config, "localist_worker", None)
+    if worker is None:
+        worker = LocalistWorker(vllm_config.model_config.hf_config.num_hidden_layers, WorkerSettings.from_env())
+        vllm_config.localist_worker = worker
+    return worker
 
 
 # --------------------------------------------------------------------------------------------------
@@ -186,15 +218,14 @@ class LocalistRowState(LogitsProcessor):
             raise BlockError("n", "a localist request with an id needs n = 1: statistics are kept per id")
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
-        WORKER.num_layers = vllm_config.model_config.hf_config.num_hidden_layers
-        WORKER.fault_label = os.environ.get("LOCALIST_FAULT_LABEL") or None
-        WORKER.rows.clear()
+        self.worker = worker_state(vllm_config)
+        self.worker.rows.clear()
 
     def is_argmax_invariant(self) -> bool:
         return False  # a failed row is forced to its stop token, greedy or not
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        for row, state in WORKER.rows.items():
+        for row, state in self.worker.rows.items():
             if state.failed is not None and state.stop_token is not None and row < logits.shape[0]:
                 # the lowest finite value, not −inf: a min_tokens mask on the stop token then leaves
                 # a valid (if arbitrary) distribution instead of nan, and the request still ends at max_tokens
@@ -205,11 +236,12 @@ class LocalistRowState(LogitsProcessor):
     def update_state(self, batch_update: BatchUpdate | None) -> None:
         if batch_update is None:
             return
-        rows, now = WORKER.rows, time.monotonic()
+        worker, now = self.worker, time.monotonic()
+        rows = worker.rows
         for index in batch_update.removed:
             state = rows.pop(index, None)
-            if state is not None and state.keep_stats and state.request_id in WORKER.records:
-                WORKER.records[state.request_id].left_at = now
+            if state is not None and state.keep_stats and state.request_id in worker.records:
+                worker.records[state.request_id].left_at = now
         for index, params, prompt_ids, _output_ids in batch_update.added:
             rows.pop(index, None)
             state = self._new_state(params, prompt_ids)
@@ -221,18 +253,18 @@ class LocalistRowState(LogitsProcessor):
                 rows[b] = sa
             if sb is not None and direction == MoveDirectionality.SWAP:
                 rows[a] = sb
-        WORKER.expire(now)
+        worker.expire(now)
 
-    @staticmethod
-    def _new_state(params, prompt_ids) -> RequestState | None:
+    def _new_state(self, params, prompt_ids) -> RequestState | None:
+        worker = self.worker
         try:
-            state = parse_request(params.extra_args, prompt_ids, WORKER.num_layers, WORKER.fault_label)
+            state = parse_request(params.extra_args, prompt_ids, worker.num_layers, worker.settings.fault_label)
         except BlockError as exc:
             # Only what the front end could not check lands here (spans against the prompt length,
             # per-layer list length): the request runs as stock and its record carries the error.
             value = json.loads(params.extra_args[EXTRA_ARGS_KEY])  # valid JSON: checked at admission
             if isinstance(value, dict) and value.get("id"):
-                WORKER.record(str(value["id"])).error = str(exc)
+                worker.record(str(value["id"])).error = str(exc)
             return None
         if state is None:
             return None
@@ -241,7 +273,7 @@ class LocalistRowState(LogitsProcessor):
             params.stop_token_ids or ())
         state.stop_token = stops[0] if stops else None
         if state.keep_stats:
-            rec = WORKER.record(state.request_id)
+            rec = worker.record(state.request_id)
             rec.left_at = None
         return state
 
@@ -254,7 +286,7 @@ class LocalistWorkerExtension:
     """Mixed into vLLM's worker (``worker_extension_cls``); reached through ``collective_rpc``."""
 
     def localist_stats(self, request_id: str, since: int = 0, release: bool = False) -> dict[str, Any]:
-        return WORKER.take(request_id, since, release)
+        return worker_state(self.vllm_config).take(request_id, since, release)
 
 
 class LocalistWorkerError(RuntimeError):

@@ -17,9 +17,9 @@ token) is built once per forward pass from the attention metadata and the row ta
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,34 +39,22 @@ from vllm.v1.attention.backends.cpu_attn import CPUAttentionMetadata, _get_attn_
 
 from localist.model.attention import NEG_INF, dial_mass, localist_attention, merge_block_partials
 from localist.model.kv_layout import PagedKV, require_supported
-from localist.model.vllm_engine import WORKER, RequestState
+from localist.model.vllm_engine import LocalistWorker, RequestState, worker_state
 
 log = logging.getLogger(__name__)
 
-# Block-partial elements (queries × heads × blocks × head dim) per query chunk of a ρ > 0 prefill:
-# bounds the memory of the per-block outputs; 2k tokens × 12 heads × 8 blocks fit in one chunk.
-_PREFILL_BUDGET = int(os.environ.get("LOCALIST_PREFILL_BUDGET", 1 << 24))
-_kernel: list = []  # [module or None] once loaded
-
-
+@functools.cache
 def paged_kernel():
-    """The compiled split-KV kernel (vllm_kernel.cpp), built on first use; None → pure-torch path.
+    """The compiled split-KV kernel (vllm_kernel.cpp), built on first use and loaded once per process
+    (a shared library); None → the pure-torch path."""
+    try:
+        from torch.utils.cpp_extension import load
 
-    ``LOCALIST_KERNEL=0`` forces the pure-torch path (the oracle the kernel is tested against).
-    """
-    if not _kernel:
-        module = None
-        if os.environ.get("LOCALIST_KERNEL", "1") != "0":
-            try:
-                from torch.utils.cpp_extension import load
-
-                module = load("localist_paged_kv", [str(Path(__file__).with_name("vllm_kernel.cpp"))],
-                              extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                              verbose=False)
-            except Exception as exc:  # no compiler: stay correct, only slower
-                log.warning("localist: paged kernel unavailable (%s); decoding with the pure-torch path", exc)
-        _kernel.append(module)
-    return _kernel[0]
+        return load("localist_paged_kv", [str(Path(__file__).with_name("vllm_kernel.cpp"))],
+                    extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as exc:  # no compiler: stay correct, only slower
+        log.warning("localist: paged kernel unavailable (%s); decoding with the pure-torch path", exc)
+        return None
 
 
 @dataclass
@@ -116,7 +104,7 @@ class _Prefill:
 
 @dataclass
 class _Plan:
-    context: object
+    worker: LocalistWorker
     states: list[RequestState]  # the localist requests of this step
     decode: _Decode | None = None
     prefills: list[_Prefill] = field(default_factory=list)
@@ -127,18 +115,15 @@ class _Plan:
         log.error("localist: %s; ending %d localist request(s) of this step", message, len(self.states))
         message = message if len(message) <= 500 else message[:497] + "..."  # an exception may print whole tensors
         for state in self.states:
-            WORKER.fail(state, message)
+            self.worker.fail(state, message)
         self.failed = True
 
 
-_current: list = [None, None]  # [forward context, plan] of the step in progress
-
-
-def _row_inputs(state: RequestState | None, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _row_inputs(state: RequestState | None, seq_len: int, num_layers: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Block ids, pinned flags and ρ per layer of one row; a stock row is one block at ρ = 0."""
     if state is None:
         return (torch.zeros(seq_len, dtype=torch.int64), torch.zeros(1, dtype=torch.bool),
-                torch.zeros(WORKER.num_layers, dtype=torch.float32))
+                torch.zeros(num_layers, dtype=torch.float32))
     return state.block_ids(seq_len), state.pinned, state.rho
 
 
@@ -163,22 +148,23 @@ def _spans(block_ids: torch.Tensor) -> list[tuple[int, int, int]]:
     return spans
 
 
-def _build_plan(context, meta, block_size: int) -> _Plan | None:
+def _build_plan(worker: LocalistWorker, meta, block_size: int) -> _Plan | None:
     """The step's plan; None when no localist request is in the batch (a request whose localist path
     failed runs as stock until its forced stop token ends it)."""
     num_reqs = meta.seq_lens.shape[0]
-    rows = {r: state for r, state in WORKER.rows.items() if r < num_reqs and state.failed is None}
+    rows = {r: state for r, state in worker.rows.items() if r < num_reqs and state.failed is None}
     if not rows:
         return None
-    plan = _Plan(context, list(rows.values()))
+    plan = _Plan(worker, list(rows.values()))
     try:
-        plan.decode, plan.prefills = _row_work(meta, rows, block_size)
+        plan.decode, plan.prefills = _row_work(meta, rows, block_size, worker.num_layers)
     except Exception as exc:  # noqa: BLE001 — whatever it is, it must not reach the engine loop
         plan.fail(f"localist could not plan the step: {type(exc).__name__}: {exc}")
     return plan
 
 
-def _row_work(meta, rows: dict[int, RequestState], block_size: int) -> tuple[_Decode | None, list[_Prefill]]:
+def _row_work(meta, rows: dict[int, RequestState], block_size: int, num_layers: int
+              ) -> tuple[_Decode | None, list[_Prefill]]:
     """The decode group and the prefill rows of one step, from vLLM's metadata and the row table."""
     num_reqs = meta.seq_lens.shape[0]
     qsl = meta.query_start_loc.tolist()
@@ -190,7 +176,7 @@ def _row_work(meta, rows: dict[int, RequestState], block_size: int) -> tuple[_De
         if qlen <= 1:
             continue
         state, seq_len = rows.get(r), seq_lens[r]
-        ids, pinned, rho = _row_inputs(state, seq_len)
+        ids, pinned, rho = _row_inputs(state, seq_len, num_layers)
         nblk = math.ceil(seq_len / block_size)
         token = _token_index(state, seq_len)
         prefills.append(_Prefill(
@@ -200,7 +186,7 @@ def _row_work(meta, rows: dict[int, RequestState], block_size: int) -> tuple[_De
     decode = None
     if decode_rows:
         nblk = math.ceil(max(seq_lens[r] for r in decode_rows) / block_size)
-        inputs = [_row_inputs(rows.get(r), seq_lens[r]) for r in decode_rows]
+        inputs = [_row_inputs(rows.get(r), seq_lens[r], num_layers) for r in decode_rows]
         G = max(p.numel() for _, p, _ in inputs)
         block_ids = torch.full((len(decode_rows), nblk * block_size), -1, dtype=torch.int64)
         pinned = torch.zeros(len(decode_rows), G, dtype=torch.bool)
@@ -230,17 +216,18 @@ def _flush(plan: _Plan) -> None:
         stacked = torch.stack(plan.decode.stats, 2)  # [3, R, L, H, G]
         for i, request_id, token, G in plan.decode.keep:
             row = stacked[:, i, :, :, :G].clone()
-            WORKER.add_token_stats(request_id, token, row[0], row[1], row[2])
+            plan.worker.add_token_stats(request_id, token, row[0], row[1], row[2])
     for p in plan.prefills:
         if p.keep is not None:
             stacked = torch.stack(p.stats, 1)  # [3, L, H, G]
-            WORKER.add_token_stats(p.keep[0], p.keep[1], stacked[0], stacked[1], stacked[2])
+            plan.worker.add_token_stats(p.keep[0], p.keep[1], stacked[0], stacked[1], stacked[2])
 
 
 class LocalistAttentionLayer(Attention):
     """vLLM's ``Attention`` with localist attention for batches that hold localist requests."""
 
     localist_layer: int
+    worker: LocalistWorker  # the engine's worker state (set when the layer is made localist)
 
     def forward(self, query, key, value, output_shape=None, output_dtype=None):
         context = get_forward_context()
@@ -248,9 +235,9 @@ class LocalistAttentionLayer(Attention):
         meta = meta.get(self.layer_name) if isinstance(meta, dict) else None
         if meta is None:
             return super().forward(query, key, value, output_shape, output_dtype)
-        if _current[0] is not context:
-            _current[0], _current[1] = context, _build_plan(context, meta, self.kv_cache.shape[2])
-        plan: _Plan | None = _current[1]
+        if self.worker.step[0] is not context:  # the first layer of a step plans it for all layers
+            self.worker.step = (context, _build_plan(self.worker, meta, self.kv_cache.shape[2]))
+        plan: _Plan | None = self.worker.step[1]
         if plan is None or plan.failed:
             return super().forward(query, key, value, output_shape, output_dtype)
         try:
@@ -274,16 +261,20 @@ class LocalistAttentionLayer(Attention):
         out = torch.zeros(q.shape, dtype=output_dtype or query.dtype, device=query.device)
         layer = self.localist_layer
         if plan.decode is not None:
-            kernel = paged_kernel()
+            kernel = self._kernel()
             if kernel is not None:
                 self._decode_kernel(kernel, plan.decode, q, cache, out, layer)
             else:
                 self._decode(plan.decode, q, cache, out, layer)
         for p in plan.prefills:
             self._prefill(p, q, k, v, cache, out, layer)
-        if layer == WORKER.num_layers - 1:
+        if layer == self.worker.num_layers - 1:
             _flush(plan)
         return out.view(q.shape[0], H * D)
+
+    def _kernel(self):
+        """The compiled kernel, unless this engine runs the pure-torch path (LOCALIST_KERNEL=0)."""
+        return paged_kernel() if self.worker.settings.use_kernel else None
 
     def _decode(self, d: _Decode, q, cache: PagedKV, out, layer: int) -> None:
         R, nblk = d.block_index.shape
@@ -322,7 +313,7 @@ class LocalistAttentionLayer(Attention):
         rows = q[p.query_start: p.query_start + p.query_len]  # [Tq, H, D]
         rho = p.rho[layer]
         # The row's K/V, only where something reads them besides vLLM's kernel or ours over the cache.
-        kv = self._row_kv(p, k, v, cache) if float(rho) != 0.0 or paged_kernel() is None else None
+        kv = self._row_kv(p, k, v, cache) if float(rho) != 0.0 or self._kernel() is None else None
         if float(rho) == 0.0:
             # ρ = 0 is the base attention: vLLM's own CPU attention for this row (the stock computation;
             # docs/theory.md §8: ρ = 0 pays only the metrics).
@@ -372,12 +363,12 @@ class LocalistAttentionLayer(Attention):
         H, D = self.num_heads, self.head_size
         G, first_pos, scale = p.pinned.numel(), p.seq_len - p.query_len, self.impl.scale
         sdpa = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-        kernel = paged_kernel() if out.is_contiguous() else None
+        kernel = self._kernel() if out.is_contiguous() else None
         fused = (kernel is not None and hasattr(kernel, "block_prefill") and rows.dtype == keys.dtype == torch.bfloat16
                  and D % 32 == 0)  # the kernel's P·V widths
         q_all, k_all, v_all = rows.transpose(0, 1)[None], keys[None], values[None]  # [1, H(kv), T, D]
         span_g, span_a, span_b = (list(x) for x in zip(*p.spans))
-        chunk = max(1, _PREFILL_BUDGET // (H * G * D))
+        chunk = max(1, self.worker.settings.prefill_budget // (H * G * D))
         for c0 in range(0, p.query_len, chunk):
             c1 = min(c0 + chunk, p.query_len)
             P0, P1 = first_pos + c0, first_pos + c1  # positions of the chunk's queries
@@ -422,7 +413,7 @@ class LocalistAttentionLayer(Attention):
         """
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_size
         g, G = H // Hkv, p.pinned.numel()
-        kernel = paged_kernel()
+        kernel = self._kernel()
         if kernel is not None:
             log_mass, inner_entropy, _ = self._block_partials(
                 kernel, cache, query[None], p.block_index[None], torch.tensor([p.seq_len]), p.block_ids[None], G)
@@ -467,6 +458,7 @@ def _localize(model: torch.nn.Module, vllm_config) -> None:
         raise ValueError("pipeline_parallel_size: localist collects every layer's statistics in one worker per "
                          "rank; use tensor parallelism (--tensor-parallel-size) instead")
     cache_config, max_model_len = vllm_config.cache_config, vllm_config.model_config.max_model_len
+    worker = worker_state(vllm_config)
     layers = [module for module in model.modules() if isinstance(module, Attention)]
     if not layers:
         raise ValueError(f"{type(model).__name__}: no vLLM attention layer to make localist")
@@ -478,7 +470,9 @@ def _localize(model: torch.nn.Module, vllm_config) -> None:
         require_supported(isa, cache_config.cache_dtype)
         module.__class__ = LocalistAttentionLayer
         module.localist_layer = extract_layer_index(module.layer_name)
-    paged_kernel()  # build (first start on a host) or load it now, not on the first request
+        module.worker = worker
+    if worker.settings.use_kernel:
+        paged_kernel()  # build (first start on a host) or load it now, not on the first request
 
 
 def localist_class(base: type) -> type:

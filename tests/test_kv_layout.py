@@ -77,12 +77,13 @@ def test_unreadable_caches_are_refused():
 
 
 def _layer(H, Hkv, D):
+    from localist.model.vllm_engine import LocalistWorker, WorkerSettings
     from localist.model.vllm_model import LocalistAttentionLayer
 
     layer = LocalistAttentionLayer.__new__(LocalistAttentionLayer)
     torch.nn.Module.__init__(layer)
     layer.num_heads, layer.num_kv_heads, layer.head_size = H, Hkv, D
-    layer.impl, layer.localist_layer = SimpleNamespace(scale=D ** -0.5), 0
+    layer.impl, layer.localist_layer, layer.worker = SimpleNamespace(scale=D ** -0.5), 0, LocalistWorker(1, WorkerSettings())
     return layer
 
 

@@ -19,7 +19,7 @@ from localist.model.blocks import BlockError, LocalistParams
 from localist.model.reference import ReferenceLM
 from localist.model.tiny import make_tiny_checkpoint
 from localist.model.vllm_engine import (
-    WORKER, LocalistRowState, _WorkerState, cache_salt, engine_kwargs, fetch_stats_sync,
+    LocalistRowState, LocalistWorker, WorkerSettings, cache_salt, engine_kwargs, fetch_stats_sync,
 )
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -289,24 +289,22 @@ def _params(payload):
 def test_row_table_follows_batch_updates():
     from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 
-    WORKER.num_layers = 2
     proc = LocalistRowState.__new__(LocalistRowState)
-    WORKER.rows.clear()
+    proc.worker = worker = LocalistWorker(2, WorkerSettings())
     add = lambda i, rid, n: (i, _params({"id": rid, "rho": 0.5, "blocks": [[1, 3, "rule"]]}), list(range(n)), [])  # noqa: E731
     proc.update_state(BatchUpdate(3, removed=[], added=[add(0, "a", 5), add(1, "b", 6), (2, _params(None), [1, 2], [])],
                                   moved=[]))
-    assert {i: s.request_id for i, s in WORKER.rows.items()} == {0: "a", 1: "b"}
+    assert {i: s.request_id for i, s in worker.rows.items()} == {0: "a", 1: "b"}
     proc.update_state(BatchUpdate(2, removed=[0], added=[], moved=[(1, 0, MoveDirectionality.UNIDIRECTIONAL)]))
-    assert {i: s.request_id for i, s in WORKER.rows.items()} == {0: "b"}
+    assert {i: s.request_id for i, s in worker.rows.items()} == {0: "b"}
     proc.update_state(BatchUpdate(2, removed=[], added=[add(1, "c", 4)], moved=[(0, 1, MoveDirectionality.SWAP)]))
-    assert {i: s.request_id for i, s in WORKER.rows.items()} == {0: "c", 1: "b"}
-    state = WORKER.rows[1]
+    assert {i: s.request_id for i, s in worker.rows.items()} == {0: "c", 1: "b"}
+    state = worker.rows[1]
     assert state.block_ids(9).tolist() == [0, 1, 1, 2, 2, 2, 3, 3, 3]  # past the prompt: the response block
-    WORKER.rows.clear()
 
 
 def test_records_of_departed_requests_expire():
-    store = _WorkerState()
+    store = LocalistWorker(1, WorkerSettings(stats_ttl_s=600.0))
     store.add_token_stats("gone", 0, torch.zeros(1), torch.zeros(1), torch.zeros(1))
     store.add_token_stats("live", 0, torch.zeros(1), torch.zeros(1), torch.zeros(1))
     store.records["gone"].left_at = 0.0
@@ -337,7 +335,7 @@ def test_paged_kernel_equals_torch_path(bs, H, Hkv, D, G, q_scale):
     layer = LocalistAttentionLayer.__new__(LocalistAttentionLayer)
     torch.nn.Module.__init__(layer)
     layer.num_heads, layer.num_kv_heads, layer.head_size = H, Hkv, D
-    layer.impl, layer.localist_layer = SimpleNamespace(scale=D ** -0.5), 0
+    layer.impl, layer.localist_layer, layer.worker = SimpleNamespace(scale=D ** -0.5), 0, LocalistWorker(1, WorkerSettings())
     cache = PagedKV(torch.randn(nb, Hkv, bs, 2 * D), "vec")  # every layout reads as this one (test_kv_layout)
 
     seq_lens = torch.tensor([70, 5, 128, 33])
@@ -405,16 +403,15 @@ def test_blockwise_prefill_equals_torch_path(monkeypatch, budget, cached, merge)
     from localist.model.kv_layout import PagedKV
     from localist.model.vllm_model import LocalistAttentionLayer, _Prefill, _spans
 
-    monkeypatch.setattr(vm, "_PREFILL_BUDGET", budget)  # 3-query chunks: blocks start before, at and inside chunks
     if merge == "kernel":
         assert vm.paged_kernel() is not None, "the kernel must build on this machine (g++ is part of the set-up)"
-    else:
-        monkeypatch.setattr(vm, "paged_kernel", lambda: None)
     torch.manual_seed(1)
     H, Hkv, D, bs, nb = 8, 2, 32, 32, 12  # vLLM's CPU attention needs head_dim ≥ 32
     layer = LocalistAttentionLayer.__new__(LocalistAttentionLayer)
     torch.nn.Module.__init__(layer)
     layer.num_heads, layer.num_kv_heads, layer.head_size = H, Hkv, D
+    # a budget of 3-query chunks: blocks start before, at and inside chunks
+    layer.worker = LocalistWorker(4, WorkerSettings(prefill_budget=budget, use_kernel=merge == "kernel"))
     # ρ = 0 runs vLLM's own CPU attention (its constructor reads only the model dtype from the config)
     monkeypatch.setattr(cpu_attn, "get_current_vllm_config",
                         lambda: SimpleNamespace(model_config=SimpleNamespace(dtype=torch.float32)))

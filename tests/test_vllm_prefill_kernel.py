@@ -75,6 +75,7 @@ def test_bf16_prefill_equals_oracle(monkeypatch, budget, cached):
     in float32 on the same bf16 K/V, for ρ = 0.6, 1 and 0.95 with two pinned blocks."""
     import localist.model.vllm_model as vm
     from localist.model.kv_layout import PagedKV
+    from localist.model.vllm_engine import LocalistWorker, WorkerSettings
     from localist.model.vllm_model import LocalistAttentionLayer, _Prefill, _spans
 
     kernel = _kernel()
@@ -89,12 +90,13 @@ def test_bf16_prefill_equals_oracle(monkeypatch, budget, cached):
             return kernel.block_prefill(*args)
 
     monkeypatch.setattr(vm, "paged_kernel", lambda: Spy())
-    monkeypatch.setattr(vm, "_PREFILL_BUDGET", budget)  # 3-query chunks: blocks start before, at and inside chunks
     torch.manual_seed(4)
     H, Hkv, D, bs, nb, S = 8, 2, 64, 16, 12, 160
     layer = LocalistAttentionLayer.__new__(LocalistAttentionLayer)
     torch.nn.Module.__init__(layer)
     layer.num_heads, layer.num_kv_heads, layer.head_size = H, Hkv, D
+    # a budget of 3-query chunks: blocks start before, at and inside chunks
+    layer.worker = LocalistWorker(1, WorkerSettings(prefill_budget=budget))
     layer.impl = SimpleNamespace(scale=D ** -0.5)
     cache = PagedKV(torch.randn(nb, Hkv, bs, 2 * D).bfloat16(), "vec")
     block_index = torch.randperm(nb)[:10]
