@@ -138,11 +138,12 @@ def host_facts() -> dict:
 
 
 def code_version() -> dict:
-    """The commit measured and the files of the measured code that differ from it."""
+    """The commit measured and the files of the measured code (model/, bench/ but its results) that differ
+    from it."""
     git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, check=True,  # noqa: E731
                                     cwd=Path(__file__).resolve().parent).stdout
-    return {"commit": git("rev-parse", "HEAD").strip(),
-            "uncommitted": [line[3:] for line in git("status", "--porcelain", "--", "../model", ".").splitlines()]}
+    status = git("status", "--porcelain", "--", "../model", ".", ":(exclude)results")
+    return {"commit": git("rev-parse", "HEAD").strip(), "uncommitted": [line[3:] for line in status.splitlines()]}
 
 
 def worker_facts(worker) -> dict:
