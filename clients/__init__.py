@@ -15,7 +15,7 @@ from .errors import (
     RateLimitError,
     ServerError,
 )
-from .models import BlockSpec
+from .contract import BlockSpec
 
 __all__ = [
     "APIConnectionError", "APIError", "AsyncClient", "AsyncStream", "AuthenticationError", "BadRequestError",

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator, Iterator
 
-from ._core import (
+from .endpoints import (
     Any,
-    AsyncIterator,
     AuditLevel,
     AuditRecord,
     AuditReport,
@@ -15,7 +15,6 @@ from ._core import (
     CompletionResponse,
     Health,
     Iterable,
-    Iterator,
     KeyCreated,
     KeyInfo,
     KeyList,
@@ -28,9 +27,9 @@ from ._core import (
     ReportFormat,
     VerifyResult,
 )
-from ._core import AsyncStream as AsyncStream
-from ._core import Stream as Stream
-from ._core import StreamDelta as StreamDelta
+from .streams import AsyncStream as AsyncStream
+from .streams import Stream as Stream
+from .streams import StreamDelta as StreamDelta
 
 __all__ = ['AsyncAuditAPI', 'AsyncClient', 'AsyncKeysAPI', 'AsyncStream', 'AuditAPI', 'Client', 'KeysAPI', 'Stream', 'StreamDelta']
 

@@ -19,7 +19,7 @@ from typing import Any, TextIO
 
 from .client import Client
 from .errors import LocalistError
-from .models import AuditRecord, AuditSummary, LocalistResult, ResponseMetrics
+from .contract import AuditRecord, AuditSummary, ChoiceMetrics, LocalistResult
 
 BAR_WIDTH = 24
 _EIGHTHS = " ▏▎▍▌▋▊▉█"
@@ -46,13 +46,15 @@ def _pct(value: float | None) -> str:
 
 
 def render_metrics(result: LocalistResult, choice: int = 0) -> str:
-    """The block table of one choice, then entropy, fidelity and the theory against its bounds."""
+    """The block table of one choice, then entropy, fidelity and the theory against its bounds. Each
+    bound stands beside the scored-heads value it bounds; the all-heads pointer fidelity has a line of its
+    own (docs/theory.md §3)."""
     rho = result.locality.rho
     dial = f"ρ = {rho[0]:g}" if len(set(rho)) == 1 else "ρ per layer = " + ", ".join(f"{r:g}" for r in rho)
     if result.locality.preset:
         dial += f" ({result.locality.preset})"
     lines = [f"audit {result.audit_id}   {dial}   level {result.audit}"]
-    metrics: ResponseMetrics | None = next((m for m in result.choices if m.index == choice), None)
+    metrics: ChoiceMetrics | None = next((m for m in result.choices if m.index == choice), None)
     label_width = max([5] + [len(b.label) for b in result.blocks])
     lines.append(f"  {'id':>3}  {'block':<{label_width}}  {'kind':<9} {'tokens':>9}  "
                  f"{'attribution':<{BAR_WIDTH}}  {'mass':>6}")
@@ -75,11 +77,12 @@ def render_metrics(result: LocalistResult, choice: int = 0) -> str:
         f"   candidate mass {_num(metrics.candidate_mass)}   target: {source}",
         f"attention entropy  H(a) {_num(metrics.entropy.total_nats)} nats ({_num(metrics.entropy.total_bits)} bits)"
         f"   block H(π) {_num(metrics.entropy.block_nats)} nats ({_num(metrics.entropy.block_bits)} bits)",
-        f"pointer fidelity   {_num(metrics.pointer_fidelity)}  {bar(metrics.pointer_fidelity, 12)}"
-        f"  bound ≥ {_num(theory.fidelity_bound)}   predicted {_num(theory.fidelity_predicted)}"
-        f"   bound held {_pct(theory.bound_held_fidelity)}",
-        f"candidate entropy  {_num(theory.entropy_measured_nats)} nats   bound ≤ {_num(theory.entropy_bound_nats)}"
-        f"   bound held {_pct(theory.bound_held_entropy)}",
+        f"pointer fidelity   all heads {_num(metrics.pointer_fidelity)}  {bar(metrics.pointer_fidelity, 12)}"
+        "  (no bound applies)",
+        f"                   scored heads {_num(theory.fidelity_measured)}  bound ≥ {_num(theory.fidelity_bound)}"
+        f"   predicted {_num(theory.fidelity_predicted)}   bound held {_pct(theory.bound_held_fidelity)}",
+        f"candidate entropy  scored heads {_num(theory.entropy_measured_nats)} nats"
+        f"   bound ≤ {_num(theory.entropy_bound_nats)}   bound held {_pct(theory.bound_held_entropy)}",
         f"threshold (ε={theory.epsilon:g})  λ* median {_num(theory.lambda_star_median)}"
         f" (ρ* {_num(theory.rho_star_median)}), p90 {_num(theory.lambda_star_p90)}"
         f" (ρ* {_num(theory.rho_star_p90)})   wrong-block share {_pct(theory.wrong_block_share)}"
@@ -278,9 +281,9 @@ def render_record(record: AuditRecord) -> str:
     ]
     if record.error:
         lines.append(f"error   {record.error}")
-    for choice in (record.output or {}).get("choices", []):
-        lines.append(f"output[{choice.get('index', 0)}] {json.dumps(choice.get('text', ''), ensure_ascii=False)}"
-                     f"   finish: {choice.get('finish_reason')}")
+    for choice in record.output.choices if record.output else ():
+        lines.append(f"output[{choice.index}] {json.dumps(choice.text, ensure_ascii=False)}"
+                     f"   finish: {choice.finish_reason}")
     result = record.localist()
     if result is not None:
         lines += ["", render_metrics(result)]

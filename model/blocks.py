@@ -44,12 +44,6 @@ class Block:
         """Whether a pointer may legitimately point here (docs/theory.md §1)."""
         return (self.kind in EVIDENCE_KINDS or self.evidence) and not self.pinned
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id, "label": self.label, "kind": self.kind, "start": self.start, "end": self.end,
-            "pinned": self.pinned, "candidate": self.candidate,
-        }
-
 
 @dataclass(frozen=True)
 class Piece:
@@ -276,6 +270,37 @@ def table_from_chat(
     return table_from_pieces(tokenizer, pieces, response_text, max_blocks, add_special_tokens=False)
 
 
+def table_from_token_spans(spans: Sequence[Sequence[Any]], num_tokens: int, max_blocks: int = MAX_BLOCKS,
+                           field_name: str = "localist.blocks") -> BlockTable:
+    """A table over a prompt of ``num_tokens`` tokens from bare token spans ``[start, end, kind?, pinned?,
+    evidence?, label?]``: the sink is added, gaps become ``text`` blocks and the response block closes it."""
+    blocks = [Block(0, "sink", "sink", 0, 1, pinned=True)]
+    pos = 1
+    for i, s in enumerate(sorted(spans, key=lambda s: int(s[0]))):
+        start, end = int(s[0]), int(s[1])
+        where = f"{field_name}[{i}]"
+        if start < 1 or end > num_tokens:
+            raise BlockError(where, f"span [{start}, {end}) falls outside tokens [1, {num_tokens})")
+        if end <= start:
+            raise BlockError(where, f"span [{start}, {end}) is empty")
+        if start < pos:
+            raise BlockError(where, f"span [{start}, {end}) overlaps the previous span")
+        if start > pos:
+            blocks.append(Block(len(blocks), f"text-{len(blocks)}", "text", pos, start))
+        kind = str(s[2]) if len(s) > 2 else "document"
+        label = str(s[5]) if len(s) > 5 else f"{kind}-{len(blocks)}"
+        pinned = bool(s[3]) if len(s) > 3 else False
+        evidence = bool(s[4]) if len(s) > 4 else False
+        blocks.append(Block(len(blocks), label, kind, start, end, pinned, evidence))
+        pos = end
+    if pos < num_tokens:
+        blocks.append(Block(len(blocks), f"text-{len(blocks)}", "text", pos, num_tokens))
+    blocks.append(Block(len(blocks), "response", "response", num_tokens, num_tokens))
+    table = BlockTable(blocks)
+    table.validate(num_tokens, max_blocks)
+    return table
+
+
 def resolve_rho(locality: Any, num_layers: int, field_name: str = "locality") -> list[float]:
     """The dial for every layer from a number, a per-layer list or a preset name (docs/theory.md §8)."""
     if locality is None:
@@ -354,30 +379,7 @@ class LocalistParams:
         return self._complete(num_tokens, max_blocks)
 
     def _complete(self, num_tokens: int, max_blocks: int) -> BlockTable:
-        blocks = [Block(0, "sink", "sink", 0, 1, pinned=True)]
-        pos = 1
-        for i, s in enumerate(sorted(self.blocks, key=lambda s: int(s[0]))):
-            start, end = int(s[0]), int(s[1])
-            where = f"localist.blocks[{i}]"
-            if start < 1 or end > num_tokens:
-                raise BlockError(where, f"span [{start}, {end}) falls outside tokens [1, {num_tokens})")
-            if end <= start:
-                raise BlockError(where, f"span [{start}, {end}) is empty")
-            if start < pos:
-                raise BlockError(where, f"span [{start}, {end}) overlaps the previous span")
-            if start > pos:
-                blocks.append(Block(len(blocks), f"text-{len(blocks)}", "text", pos, start))
-            kind = str(s[2]) if len(s) > 2 else "document"
-            label = str(s[5]) if len(s) > 5 else f"{kind}-{len(blocks)}"
-            pinned = bool(s[3]) if len(s) > 3 else False
-            evidence = bool(s[4]) if len(s) > 4 else False
-            blocks.append(Block(len(blocks), label, kind, start, end, pinned, evidence))
-            pos = end
-        if pos < num_tokens:
-            blocks.append(Block(len(blocks), f"text-{len(blocks)}", "text", pos, num_tokens))
-        blocks.append(Block(len(blocks), "response", "response", num_tokens, num_tokens))
-        table = BlockTable(blocks)
-        table.validate(num_tokens, max_blocks)
+        table = table_from_token_spans(self.blocks, num_tokens, max_blocks)
         self._check_target(table)
         return table
 

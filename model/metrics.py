@@ -7,38 +7,22 @@ Everything is vectorised over tokens, layers and heads so that the server can ru
 
 Levels: per (token, layer, head) values are the primitives; a layer's value is the mean over its
 heads (attribution, entropy) or the ratio of sums (fidelity); a token's the same over layers and
-heads; the response's the mean over tokens (ratio of sums over everything for fidelity).
-:meth:`ResponseMetrics.to_dict` emits ``summary``, ``per_token`` or ``per_layer`` detail, JSON-able,
-with None for null.
+heads; the response's the mean over tokens (ratio of sums over everything for fidelity). Results are
+tensors (NaN where a metric is null); the server turns them into the wire's objects at the audit level
+the request asked for (``localist.server.wire``).
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from localist.model.attention import BlockStats
-from localist.model.blocks import AUDIT_LEVELS, BlockTable
+from localist.model.blocks import BlockTable
 from localist.model.theory import DEFAULT_EPS, NULL_MASS, TheoryReport, predicted_vs_measured, visible_counts
-
-LN2 = math.log(2.0)
-
-
-def _json(t: Tensor) -> Any:
-    """Tensor → nested lists of floats, NaN (a null metric) → None."""
-    values = t.tolist()
-    if not bool(torch.isnan(t).any()):
-        return values
-
-    def fix(x):
-        return [fix(v) for v in x] if isinstance(x, list) else (None if math.isnan(x) else x)
-
-    return fix(values)
-
 
 def _scalar(t: Tensor) -> float | None:
     x = float(t)
@@ -98,65 +82,36 @@ class ResponseMetrics:
     tokens: TokenLevel
     layers: LayerLevel
 
-    def to_dict(self, level: str = "summary") -> dict[str, Any]:
-        """JSON-able record; ``per_token`` adds ``tokens``, ``per_layer`` adds their layers and heads.
-
-        Layer and head entropies are in nats only (bits = nats / ln 2).
-        """
-        if level not in AUDIT_LEVELS:
-            raise ValueError(f"audit: must be one of {', '.join(AUDIT_LEVELS)}, got {level!r}")
-        bits = lambda x: None if x is None else x / LN2  # noqa: E731
-        out: dict[str, Any] = {
-            "num_tokens": self.num_tokens,
-            "num_layers": self.num_layers,
-            "num_heads": self.num_heads,
-            "target_block": self.target_block,
-            "target_source": self.target_source,
-            "attribution": None if self.attribution is None else _json(self.attribution),
-            "sink_mass": self.sink_mass,
-            "candidate_mass": self.candidate_mass,
-            "entropy": {
-                "total_nats": self.entropy_nats, "total_bits": bits(self.entropy_nats),
-                "block_nats": self.block_entropy_nats, "block_bits": bits(self.block_entropy_nats),
-            },
-            "pointer_fidelity": self.pointer_fidelity,
-            "theory": self.theory.to_dict(),
-        }
-        if level == "summary":
-            return out
-        tok = self.tokens
-        columns = {
-            "attribution": _json(tok.attribution),
-            "sink_mass": _json(tok.sink_mass),
-            "candidate_mass": _json(tok.candidate_mass),
-            "entropy_nats": _json(tok.entropy_nats),
-            "entropy_bits": _json(tok.entropy_nats / LN2),
-            "block_entropy_nats": _json(tok.block_entropy_nats),
-            "block_entropy_bits": _json(tok.block_entropy_nats / LN2),
-            "pointer_fidelity": _json(tok.pointer_fidelity),
-        }
-        if level == "per_layer":
-            lay = self.layers
-            columns.update({
-                "layers": _json(lay.head_attribution),  # [L][H][G] per token
-                "layer_attribution": _json(lay.attribution),
-                "layer_sink_mass": _json(lay.sink_mass),
-                "layer_entropy_nats": _json(lay.entropy_nats),
-                "head_entropy_nats": _json(lay.head_entropy_nats),
-                "layer_block_entropy_nats": _json(lay.block_entropy_nats),
-                "head_block_entropy_nats": _json(lay.head_block_entropy_nats),
-                "layer_pointer_fidelity": _json(lay.pointer_fidelity),
-                "head_pointer_fidelity": _json(lay.head_pointer_fidelity),
-            })
-        out["tokens"] = [{"index": i, **{k: v[i] for k, v in columns.items()}} for i in range(self.num_tokens)]
-        return out
-
 
 def _bool_mask(x: Tensor | Sequence[bool], name: str, T: int, G: int) -> Tensor:
     m = torch.as_tensor(x, dtype=torch.bool)
     if m.shape[-1:] != (G,) or m.dim() > 2 or (m.dim() == 2 and m.shape[0] != T):
         raise ValueError(f"{name}: expected shape [{G}] or [{T}, {G}], got {list(m.shape)}")
     return m.expand(T, G)
+
+
+def _candidate_mass(mass: Tensor, cand: Tensor) -> Tensor:
+    """c per (token, layer, head): the mass on the token's candidate blocks."""
+    return (mass * cand.view(cand.shape[0], 1, 1, cand.shape[1])).sum(-1)
+
+
+def _target_mass(mass: Tensor, cand: Tensor, target: int) -> Tensor:
+    """π(t) per (token, layer, head), counted where t is a candidate of the token's query."""
+    return mass[..., target] * cand[:, target].view(cand.shape[0], 1, 1)
+
+
+def token_pointers(stats: BlockStats, candidates: Tensor | Sequence[bool],
+                   target: int | None) -> tuple[Tensor, Tensor | None]:
+    """The per-token part of :func:`response_metrics` alone, as a stream needs it: attribution [T, G]
+    (π, mean over layers and heads) and the all-heads pointer fidelity [T] against ``target`` (NaN where
+    null; None without a target). No theory is computed."""
+    mass = stats.mass.float()
+    T, _, _, G = mass.shape
+    cand = _bool_mask(candidates, "candidates", T, G)
+    attribution = mass.mean((1, 2))
+    if target is None:
+        return attribution, None
+    return attribution, _ratio(_target_mass(mass, cand, target), _candidate_mass(mass, cand), (1, 2))
 
 
 def response_metrics(
@@ -195,8 +150,7 @@ def response_metrics(
             raise ValueError(f"target: block {target} is not a candidate block")
 
     mass = mass.float()
-    c4 = cand.view(T, 1, 1, G)
-    head_cand = (mass * c4).sum(-1)  # c per (token, layer, head)
+    head_cand = _candidate_mass(mass, cand)
     head_sink = (mass * pin).sum(-1)
     head_block_H = -torch.special.xlogy(mass, mass).sum(-1)
     head_H = head_block_H + (mass * stats.inner_entropy.float()).sum(-1)
@@ -212,10 +166,7 @@ def response_metrics(
     if target is None and top is not None:
         target, source = top, "top_candidate"
 
-    if target is None:
-        head_target = torch.zeros_like(head_cand)
-    else:
-        head_target = mass[..., target] * cand[:, target].view(T, 1, 1)
+    head_target = torch.zeros_like(head_cand) if target is None else _target_mass(mass, cand, target)
     head_F = torch.where(head_cand >= NULL_MASS, head_target / head_cand.clamp(min=NULL_MASS), math.nan)
     no_target = target is None
     null_like = lambda t: torch.full_like(t, math.nan) if no_target else t  # noqa: E731

@@ -161,10 +161,6 @@ def visible_counts(key_block_ids: Tensor | Sequence[int], num_blocks: int, num_q
     return onehot.cumsum(0)[Tk - num_queries:].to(torch.float64)
 
 
-def _none(x: float) -> float | None:
-    return None if x is None or math.isnan(x) else x
-
-
 def _ratio(num: Tensor, den: Tensor) -> float | None:
     den = float(den.sum())
     return float(num.sum()) / den if den >= NULL_MASS else None
@@ -195,9 +191,6 @@ class TheoryReport:
     entropy_measured_nats: float | None
     entropy_bound_nats: float | None
     bound_held_entropy: float | None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: _none(v) if isinstance(v, float) else v for k, v in self.__dict__.items()}
 
 
 def _lam_of(rho: Tensor | float | Sequence[float], T: int, L: int) -> Tensor:

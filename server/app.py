@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from localist.model.blocks import MAX_BLOCKS
 from localist.server import errors
 from localist.server.auth import DevMode, Limiter
-from localist.server.observability import Metrics, RequestIdMiddleware
+from localist.server.observability import Prometheus, RequestIdMiddleware
 from localist.server.routers import audit, keys, ops, openai_api
 
 log = logging.getLogger("localist.server")
@@ -73,6 +73,7 @@ async def start_auth(store, settings: Settings) -> DevMode:
 @asynccontextmanager
 async def lifespan(app: FastAPI):
     from localist.server.engine import Engine, EngineConfig
+    from localist.server.service import GenerationService
 
     settings: Settings = app.state.settings
     store = _open_store(settings)
@@ -86,7 +87,8 @@ async def lifespan(app: FastAPI):
                                  settings.stand_in, settings.seed, settings.engine_overrides))
     engine.start()
     app.state.engine = engine
-    app.state.metrics.watch_engine(engine)
+    app.state.prometheus.watch_engine(engine)
+    app.state.service = GenerationService(engine, store, app.state.prometheus, settings.default_rho, settings.max_blocks)
     supervisor = asyncio.get_running_loop().create_task(engine.supervise(), name="engine supervisor")
     if settings.stand_in:
         log.warning("SERVING AN UNTRAINED STAND-IN MODEL (%s): random weights, outputs are noise.",
@@ -97,7 +99,7 @@ async def lifespan(app: FastAPI):
         yield
     finally:
         supervisor.cancel()
-        await openai_api.drain(app)
+        await app.state.service.drain()
         engine.shutdown()
         store.close()
 
@@ -106,11 +108,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="localist", version="0.1.0", description=DESCRIPTION,
                   lifespan=lifespan if settings is not None else None)
     app.state.settings = settings
-    app.state.metrics = Metrics()
+    app.state.prometheus = Prometheus()
     app.state.limiter = Limiter()
-    app.state.background = set()
     errors.install(app)
-    app.add_middleware(RequestIdMiddleware, metrics=app.state.metrics)
+    app.add_middleware(RequestIdMiddleware, prometheus=app.state.prometheus)
     app.include_router(openai_api.router)
     app.include_router(audit.router)
     app.include_router(keys.router)

@@ -1,14 +1,16 @@
 """The vLLM engine inside the server: one AsyncLLM per process, plus what the audit needs about it.
 
-The server talks to vLLM through this wrapper only, so the HTTP layer never depends on vLLM's
-internals: prompts go in as token ids (the block table decides tokenisation, SPEC §1), outputs come
-back as vLLM ``RequestOutput`` objects, and the per-token attention statistics of a request come back
-through ``localist.model.vllm_engine.fetch_stats`` on the :class:`Engine` (its ``collective_rpc``).
+Every use of vLLM by the server is in this module: a choice goes in as token ids (the block table
+decides tokenisation, docs/theory.md §1) with a :class:`Sampling` and the request's
+``LocalistParams`` (:meth:`Engine.request` turns them into vLLM's ``SamplingParams``); what it
+produced comes back as :class:`Generated`; its per-token attention statistics come back as
+``BlockStats`` (:meth:`Engine.fetch_stats`, a ``collective_rpc`` into the workers).
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -25,6 +27,8 @@ from typing import Any, TypeVar
 
 from transformers import AutoTokenizer
 
+from localist.model.attention import BlockStats
+from localist.model.blocks import LocalistParams
 from localist.model.tokenizer import tokenizer_fingerprint
 
 log = logging.getLogger("localist.server")
@@ -72,6 +76,51 @@ class EngineConfig:
     stand_in: bool = False
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How one choice is sampled."""
+
+    temperature: float
+    top_p: float
+    presence_penalty: float
+    frequency_penalty: float
+    seed: int | None
+    stop: list[str] | None
+    max_tokens: int
+    logprobs: int | None
+    ignore_eos: bool
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """One choice as the engine runs it: its id (its statistics are fetched by it), its sampling as the
+    engine normalised it (what an audit record keeps) and the localist parameters it carries."""
+
+    engine_id: str
+    sampling: Sampling
+    localist_json: str
+    _params: Any = field(repr=False)  # vLLM's SamplingParams
+
+
+@dataclass(frozen=True)
+class RankedToken:
+    """One entry of a position's logprobs."""
+
+    logprob: float
+    rank: int | None
+    text: str
+
+
+@dataclass
+class Generated:
+    """What one choice has produced so far."""
+
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    logprobs: list[dict[int, RankedToken]] = field(default_factory=list)  # per position, when asked for
 
 
 class EngineUnavailable(RuntimeError):
@@ -160,11 +209,44 @@ class Engine:
         if not self.running:
             raise self.unavailable("the engine is not serving")
 
-    @property
-    def llm(self):
+    def _serving(self):
         """The serving AsyncLLM; raises :class:`EngineUnavailable` while there is none."""
         self.ensure_serving()
         return self._llm
+
+    def unfinished_requests(self) -> int:
+        """Requests in the engine, running or waiting (0 while it is down)."""
+        return self._llm.get_num_unfinished_requests() if self.running else 0
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    @staticmethod
+    def request(engine_id: str, sampling: Sampling, localist: LocalistParams) -> EngineRequest:
+        """The engine request of one choice; vLLM normalises the sampling (an absent stop list becomes
+        empty, a greedy choice's top_p 1, …) and the request keeps it as normalised."""
+        from vllm import SamplingParams
+
+        localist_json = localist.to_json()
+        params = SamplingParams(n=1, extra_args={"localist": localist_json}, **dataclasses.asdict(sampling))
+        ran = Sampling(params.temperature, params.top_p, params.presence_penalty, params.frequency_penalty,
+                       params.seed, list(params.stop), params.max_tokens, params.logprobs, params.ignore_eos)
+        return EngineRequest(engine_id, ran, localist_json, params)
+
+    @staticmethod
+    def cache_salt(localist: LocalistParams) -> str | None:
+        """The prefix-cache salt of a request (docs/architecture.md, Prefix caching)."""
+        from localist.model.vllm_engine import cache_salt
+
+        return cache_salt(localist)
+
+    async def fetch_stats(self, engine_id: str, *, since: int = 0, release: bool = False) -> BlockStats:
+        """Per-token attention statistics [T, L, H, G] of engine request ``engine_id`` from token ``since``
+        on; ``release`` frees the workers' record of it."""
+        from localist.model.vllm_engine import fetch_stats
+
+        got = await fetch_stats(self, engine_id, since=since, release=release)
+        return BlockStats(got.log_mass, got.mass, got.inner_entropy)
 
     async def _unless_dead(self, step: Awaitable[T], died: asyncio.Event, what: str) -> T:
         """Await ``step`` unless the engine dies first (vLLM leaves a call waiting on a dead engine core,
@@ -181,42 +263,52 @@ class Engine:
             raise self.unavailable(f"the engine died during {what}")
         return work.result()
 
-    async def generate(self, prompt_token_ids: list[int], params, request_id: str, cache_salt: str | None = None
-                       ) -> AsyncIterator[Any]:
-        """Cumulative ``RequestOutput`` objects; cancelling the iteration aborts the request in vLLM. A
-        death of the engine meanwhile raises :class:`EngineUnavailable`."""
+    async def generate(self, prompt_token_ids: list[int], request: EngineRequest, cache_salt: str | None = None
+                       ) -> AsyncIterator[Generated]:
+        """The choice's output after each engine step (one object, updated); cancelling the iteration
+        aborts the request in vLLM. A death of the engine meanwhile raises :class:`EngineUnavailable`."""
         from vllm.v1.engine.exceptions import EngineDeadError
 
-        llm, died = self.llm, self._died
+        llm, died = self._serving(), self._died
         prompt: dict[str, Any] = {"prompt_token_ids": list(prompt_token_ids)}
         if cache_salt:
             prompt["cache_salt"] = cache_salt
+        generated = Generated()
         try:
-            async with contextlib.aclosing(llm.generate(prompt, params, request_id)) as outputs:
+            async with contextlib.aclosing(llm.generate(prompt, request._params, request.engine_id)) as outputs:
                 while True:
                     try:
                         out = await self._unless_dead(anext(outputs), died, "this request")
                     except StopAsyncIteration:
                         return
-                    yield out
+                    self._update(generated, out.outputs[0])
+                    yield generated
         except Exception as exc:
             if isinstance(exc, (EngineDeadError, EngineUnavailable)) or llm.errored:
                 raise self.unavailable("the engine died during this request", self._death_cause(llm)) from exc
             raise
+
+    def _update(self, generated: Generated, completion) -> None:
+        """Take a vLLM ``CompletionOutput`` (cumulative) into ``generated``; logprobs of new positions only."""
+        generated.token_ids = list(completion.token_ids)
+        generated.text = completion.text
+        generated.finish_reason = completion.finish_reason
+        for entry in (completion.logprobs or [])[len(generated.logprobs):]:
+            generated.logprobs.append({
+                token_id: RankedToken(lp.logprob, lp.rank,
+                                      lp.decoded_token if lp.decoded_token is not None else self.token_text(token_id))
+                for token_id, lp in entry.items()})
 
     async def collective_rpc(self, method: str, timeout: float | None = None, args: tuple = (),
                              kwargs: dict | None = None) -> list[Any]:
         """``AsyncLLM.collective_rpc``, released with :class:`EngineUnavailable` if the engine dies first."""
         from vllm.v1.engine.exceptions import EngineDeadError
 
-        llm, died = self.llm, self._died
+        llm, died = self._serving(), self._died
         try:
             return await self._unless_dead(llm.collective_rpc(method, timeout, args, kwargs), died, f"a call to {method}")
         except EngineDeadError as exc:
             raise self.unavailable(f"the engine died before a call to {method}") from exc
-
-    async def abort(self, request_id: str) -> None:
-        await self.llm.abort(request_id)
 
     async def supervise(self) -> None:
         """Runs for the server's lifetime: whenever the engine dies, start a new one."""

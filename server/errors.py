@@ -1,8 +1,9 @@
-"""OpenAI-shaped errors: ``{"error": {"message", "type", "param", "code"}}`` with the field named.
+"""HTTP answers: OpenAI-shaped errors ``{"error": {"message", "type", "param", "code"}}`` with the field named.
 
-Every 4xx the server sends goes through :class:`ApiError`, including pydantic validation errors and
-malformed JSON, so a client can always read ``error.param`` to find the offending field. While the
-engine restarts after a death, generation is answered 503 with ``Retry-After``.
+Every error the server sends goes through :class:`ApiError`, including pydantic validation errors and
+malformed JSON, so a client can always read ``error.param`` to find the offending field. The domain
+errors of the model, the engine, the store and the request service get their status here, in
+:func:`api_error`, and nowhere else.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from localist.model.blocks import BlockError
 from localist.server.engine import EngineUnavailable
+from localist.server.exceptions import ClientDisconnected, Conflict, GenerationFailed, InvalidRequest, UnknownModel
+from localist.server.store import AlreadyRedacted, NotFound, RecordError
 
 log = logging.getLogger("localist.server")
 
@@ -24,6 +27,8 @@ _TYPES = {
     405: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
     415: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
 }
+DOMAIN_ERRORS = (BlockError, InvalidRequest, AlreadyRedacted, RecordError, UnknownModel, NotFound, Conflict, EngineUnavailable,
+                 GenerationFailed, ClientDisconnected)
 
 
 class ApiError(Exception):
@@ -32,17 +37,44 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
-    @classmethod
-    def from_block_error(cls, exc: BlockError) -> ApiError:
-        return cls(400, str(exc), exc.field, "invalid_value")
-
-    @classmethod
-    def from_engine_unavailable(cls, exc: EngineUnavailable, note: str = "") -> ApiError:
-        return cls(503, f"{exc}{note}", None, "engine_unavailable", {"Retry-After": str(exc.retry_after)})
-
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": _TYPES.get(self.status, "server_error"),
                           "param": self.param, "code": self.code}}
+
+
+def _unavailable(exc: EngineUnavailable, note: str = "") -> ApiError:
+    return ApiError(503, f"{exc}{note}", None, "engine_unavailable", {"Retry-After": str(exc.retry_after)})
+
+
+def api_error(exc: Exception) -> ApiError:
+    """The HTTP answer to ``exc``: one of :data:`DOMAIN_ERRORS`, or an ApiError as it is."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, BlockError):
+        return ApiError(400, str(exc), exc.field, "invalid_value")
+    if isinstance(exc, InvalidRequest):
+        return ApiError(400, str(exc), exc.field, exc.code)
+    if isinstance(exc, AlreadyRedacted):
+        return ApiError(409, str(exc), "id", "already_redacted")
+    if isinstance(exc, RecordError):  # the store names the field before the first colon
+        message = str(exc)
+        return ApiError(400, message, message.split(":", 1)[0] if ":" in message else None, "invalid_value")
+    if isinstance(exc, UnknownModel):
+        return ApiError(404, str(exc), "model", "model_not_found")
+    if isinstance(exc, NotFound):
+        return ApiError(404, str(exc), exc.field, "not_found")
+    if isinstance(exc, Conflict):
+        return ApiError(409, str(exc), exc.field, exc.code)
+    if isinstance(exc, EngineUnavailable):
+        return _unavailable(exc)
+    if isinstance(exc, GenerationFailed):
+        stored = f" (stored as audit record {exc.record_id})"
+        if isinstance(exc.cause, EngineUnavailable):
+            return _unavailable(exc.cause, stored)
+        return ApiError(500, f"generation failed: {exc}{stored}", None, "generation_failed")
+    if isinstance(exc, ClientDisconnected):
+        return ApiError(499, "client disconnected", None, "client_disconnected")
+    raise TypeError(f"not a domain error: {type(exc).__name__}") from exc
 
 
 _TYPE_TAGS = {"float", "int", "str", "bool", "list", "dict", "none", "bytes", "literal"}
@@ -70,17 +102,11 @@ def _error_response(err: ApiError, request: Request) -> JSONResponse:
 
 
 def install(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError):
-        return _error_response(exc, request)
+    async def _answer(request: Request, exc: Exception):
+        return _error_response(api_error(exc), request)
 
-    @app.exception_handler(EngineUnavailable)
-    async def _engine_unavailable(request: Request, exc: EngineUnavailable):
-        return _error_response(ApiError.from_engine_unavailable(exc), request)
-
-    @app.exception_handler(BlockError)
-    async def _block_error(request: Request, exc: BlockError):
-        return _error_response(ApiError.from_block_error(exc), request)
+    for kind in (ApiError, *DOMAIN_ERRORS):
+        app.add_exception_handler(kind, _answer)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):

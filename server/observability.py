@@ -22,7 +22,9 @@ _RID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 UNIT = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 
 
-class Metrics:
+class Prometheus:
+    """The app's Prometheus registry and its series."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
@@ -57,8 +59,8 @@ class EngineCollector(Collector):
 class RequestIdMiddleware:
     """Takes the caller's ``x-request-id`` (if sane) or makes one; echoes it and logs each request."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics):
-        self.app, self.metrics = app, metrics
+    def __init__(self, app: ASGIApp, prometheus: Prometheus):
+        self.app, self.prometheus = app, prometheus
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -82,6 +84,6 @@ class RequestIdMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            self.metrics.http.labels(str(status["code"])).inc()
+            self.prometheus.http.labels(str(status["code"])).inc()
             log.info("%s %s %s -> %s in %.1f ms", rid, scope["method"], scope["path"], status["code"],
                      (time.perf_counter() - start) * 1000)

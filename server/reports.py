@@ -12,7 +12,7 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
-from localist.server import schemas as S
+from localist.clients import contract as C
 
 TEMPLATE = Template((Path(__file__).with_name("templates") / "report.html").read_text())
 CELL_W, CELL_H, LABEL_W, HEAD_H = 22, 20, 150, 70
@@ -33,7 +33,7 @@ def _color(v: float) -> str:
     return f"rgb({r},{g},{b})"
 
 
-def heatmap_svg(blocks: list[dict], tokens: list[dict]) -> str:
+def heatmap_svg(blocks: list[C.BlockInfo], tokens: list[C.TokenMetrics]) -> str:
     """Rows: blocks; columns: generated tokens; cell colour: the token's attribution to the block."""
     if not tokens:
         return '<p class="muted">No per-token detail was recorded (the request used <code>audit=summary</code>).</p>'
@@ -44,22 +44,21 @@ def heatmap_svg(blocks: list[dict], tokens: list[dict]) -> str:
     for j, tok in enumerate(tokens):
         x = LABEL_W + j * CELL_W + CELL_W / 2
         parts.append(f'<text x="{x:.1f}" y="{HEAD_H - 6}" transform="rotate(-60 {x:.1f} {HEAD_H - 6})" '
-                     f'class="tok">{_e(repr(tok.get("text", ""))[1:-1][:12])}</text>')
+                     f'class="tok">{_e(repr(tok.text)[1:-1][:12])}</text>')
     for i, block in enumerate(blocks):
         y = HEAD_H + i * CELL_H
         parts.append(f'<text x="{LABEL_W - 6}" y="{y + CELL_H * 0.7:.1f}" text-anchor="end" class="lbl">'
-                     f'{_e(block["id"])} · {_e(block["label"])[:16]}</text>')
+                     f'{_e(block.id)} · {_e(block.label)[:16]}</text>')
         for j, tok in enumerate(tokens):
-            attribution = tok.get("attribution") or []
-            v = attribution[i] if i < len(attribution) else 0.0
+            v = tok.attribution[i] if i < len(tok.attribution) else 0.0
             parts.append(f'<rect x="{LABEL_W + j * CELL_W}" y="{y}" width="{CELL_W - 1}" height="{CELL_H - 1}" '
-                         f'fill="{_color(v)}"><title>{_e(block["label"])} ← token {j} '
-                         f'{_e(tok.get("text"))!s}: {v:.3f}</title></rect>')
+                         f'fill="{_color(v)}"><title>{_e(block.label)} ← token {j} '
+                         f'{_e(tok.text)!s}: {v:.3f}</title></rect>')
     parts.append("</svg>")
     return "".join(parts)
 
 
-def _bar(value: float | None, bound: float | None, invert: bool = False) -> str:
+def _bar(value: float | None, bound: float | None) -> str:
     """Measured value as a bar, the theory's bound as a tick (for fidelity a floor, for entropy a ceiling)."""
     if value is None:
         return '<span class="muted">not defined</span>'
@@ -73,32 +72,59 @@ def _bar(value: float | None, bound: float | None, invert: bool = False) -> str:
     return "".join(parts)
 
 
-def _block_rows(blocks: list[dict], attribution: list[float], target: int | None) -> str:
+def _block_rows(blocks: list[C.BlockInfo], attribution: list[float], target: int | None) -> str:
     rows = []
     for b in blocks:
-        a = attribution[b["id"]] if b["id"] < len(attribution) else None
-        mark = " ◀ target" if b["id"] == target else ""
+        a = attribution[b.id] if b.id < len(attribution) else None
+        mark = " ◀ target" if b.id == target else ""
         rows.append(
-            f'<tr{" class=target" if b["id"] == target else ""}><td>{_e(b["id"])}</td><td>{_e(b["label"])}{mark}</td>'
-            f'<td>{_e(b["kind"])}</td><td>{_e(b["start"])}–{_e(b["end"])}</td>'
-            f'<td>{"yes" if b.get("pinned") else ""}</td><td>{"yes" if b.get("candidate") else ""}</td>'
+            f'<tr{" class=target" if b.id == target else ""}><td>{_e(b.id)}</td><td>{_e(b.label)}{mark}</td>'
+            f'<td>{_e(b.kind)}</td><td>{_e(b.start)}–{_e(b.end)}</td>'
+            f'<td>{"yes" if b.pinned else ""}</td><td>{"yes" if b.candidate else ""}</td>'
             f'<td>{_num(a)}</td><td><svg width="120" height="12"><rect width="{120 * (a or 0):.1f}" height="12" '
             f'fill="{_color(a or 0)}" stroke="#173f91" stroke-width="0.5"/></svg></td></tr>')
     return "\n".join(rows)
 
 
-def render_html(report: S.AuditReport) -> str:
+def _bound_row(label: str, value: float | None, bound: float | None, relation: str, held: float | None) -> str:
+    """A measured value beside the theory's bound on that same value (docs/theory.md §3–§4)."""
+    return (f'<tr><th>{label}</th><td>{_num(value)}</td><td>{relation} {_num(bound)} (bound)</td>'
+            f'<td>{_bar(value, bound)}</td><td>{_num(held, 2)}</td></tr>')
+
+
+def _metrics(blocks: list[C.BlockInfo], m: C.ChoiceMetrics | None) -> dict[str, str]:
+    """The report's metric fields for choice 0; dashes when no metrics were recorded."""
+    if m is None:
+        return {"block_rows": _block_rows(blocks, [], None), "target": "", "target_source": "—", "sink": _num(None),
+                "h_total": _num(None), "h_total_bits": _num(None), "h_block": _num(None), "h_block_bits": _num(None),
+                "fidelity_row": _bound_row("Pointer fidelity, scored heads F<sub>S</sub>", None, None, "≥", None),
+                "entropy_row": _bound_row("Candidate entropy (nats)", None, None, "≤", None),
+                "fidelity_all": _num(None), "lambda_med": _num(None), "lambda_p90": _num(None), "rho_star": _num(None),
+                "wrong": _num(None), "not_top": "", "epsilon": "", "heatmap": heatmap_svg(blocks, [])}
+    t = m.theory
+    return {
+        "block_rows": _block_rows(blocks, m.attribution or [], m.target_block),
+        "target": _e(m.target_block), "target_source": _e(m.target_source or "—"), "sink": _num(m.sink_mass),
+        "h_total": _num(m.entropy.total_nats), "h_total_bits": _num(m.entropy.total_bits),
+        "h_block": _num(m.entropy.block_nats), "h_block_bits": _num(m.entropy.block_bits),
+        "fidelity_row": _bound_row("Pointer fidelity, scored heads F<sub>S</sub>", t.fidelity_measured,
+                                   t.fidelity_bound, "≥", t.bound_held_fidelity),
+        "entropy_row": _bound_row("Candidate entropy (nats)", t.entropy_measured_nats, t.entropy_bound_nats, "≤",
+                                  t.bound_held_entropy),
+        "fidelity_all": _num(m.pointer_fidelity),
+        "lambda_med": _num(t.lambda_star_median), "lambda_p90": _num(t.lambda_star_p90),
+        "rho_star": _num(t.rho_star_median), "wrong": _num(t.wrong_block_share), "not_top": _e(t.target_not_top),
+        "epsilon": _e(t.epsilon), "heatmap": heatmap_svg(blocks, m.tokens or []),
+    }
+
+
+def render_html(report: C.AuditReport) -> str:
     rec, ver = report.record, report.verification
-    localist = (rec.metrics or {}).get("localist") or {}
-    blocks = localist.get("blocks") or (rec.request or {}).get("blocks") or []
-    choices = localist.get("choices") or []
-    first = choices[0] if choices else {}
-    theory = first.get("theory") or {}
-    entropy = first.get("entropy") or {}
-    output = rec.output or {}
-    out_choice = (output.get("choices") or [{}])[0]
-    request = rec.request or {}
-    rho = (localist.get("locality") or {}).get("rho") or request.get("rho")
+    localist, request, output = rec.localist(), rec.request, rec.output
+    blocks = localist.blocks if localist else request.blocks if request else []
+    first = localist.choices[0] if localist and localist.choices else None
+    out_choice = output.choices[0] if output and output.choices else None
+    rho = localist.locality.rho if localist else request.rho if request else None
     created = datetime.fromtimestamp(rec.created_us / 1e6, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     if ver.ok:
         verdict = (f'<span class="ok">✔ record verified</span> — its hashes, and {ver.links_checked} link(s) of the '
@@ -108,38 +134,20 @@ def render_html(report: S.AuditReport) -> str:
     else:
         verdict = f'<span class="bad">✘ verification failed</span> at record {_e(ver.seq)}: {_e(ver.reason)}'
         covered = "Do not rely on this record"
-    target_source = first.get("target_source")
-    fidelity_row = (f'<tr><th>Pointer fidelity F</th><td>{_num(first.get("pointer_fidelity"))}</td>'
-                    f'<td>≥ {_num(theory.get("fidelity_bound"))} (bound)</td>'
-                    f'<td>{_bar(first.get("pointer_fidelity"), theory.get("fidelity_bound"))}</td>'
-                    f'<td>{_num(theory.get("bound_held_fidelity"), 2)}</td></tr>')
-    entropy_row = (f'<tr><th>Candidate entropy (nats)</th><td>{_num(theory.get("entropy_measured_nats"))}</td>'
-                   f'<td>≤ {_num(theory.get("entropy_bound_nats"))} (bound)</td>'
-                   f'<td>{_bar(theory.get("entropy_measured_nats"), theory.get("entropy_bound_nats"))}</td>'
-                   f'<td>{_num(theory.get("bound_held_entropy"), 2)}</td></tr>')
     return TEMPLATE.substitute(
         title=_e(f"Audit report {rec.id}"),
         record_id=_e(rec.id), seq=_e(rec.seq), created=_e(created), tenant=_e(rec.tenant),
-        status=_e(rec.status), model=_e(rec.model), weights=_e((request.get("weights_hash") or "")[:16]),
-        rho=_e(", ".join(f"{r:g}" for r in rho) if isinstance(rho, list) else rho),
-        preset=_e((localist.get("locality") or {}).get("preset") or "—"),
-        audit_level=_e(localist.get("audit") or request.get("audit") or "—"),
+        status=_e(rec.status), model=_e(rec.model), weights=_e(request.weights_hash[:16] if request else ""),
+        rho=_e(", ".join(f"{r:g}" for r in rho) if rho is not None else None),
+        preset=_e(localist.locality.preset if localist and localist.locality.preset else "—"),
+        audit_level=_e(localist.audit if localist else request.audit if request else "—"),
         verdict=verdict,
         covered=covered,
         hashes="<br>".join(f"{k}: <code>{_e(v)}</code>" for k, v in rec.hashes.model_dump().items()),
         redacted='<p class="bad">The payload of this record was erased (redaction); hashes remain.</p>'
         if rec.redacted else "",
-        output=_e(out_choice.get("text")), finish=_e(out_choice.get("finish_reason")),
+        output=_e(out_choice.text if out_choice else None), finish=_e(out_choice.finish_reason if out_choice else None),
         error=f'<p class="bad">Error: {_e(rec.error)}</p>' if rec.error else "",
-        block_rows=_block_rows(blocks, first.get("attribution") or [], first.get("target_block")),
-        target=_e(first.get("target_block")), target_source=_e(target_source or "—"),
-        sink=_num(first.get("sink_mass")),
-        h_total=_num(entropy.get("total_nats")), h_total_bits=_num(entropy.get("total_bits")),
-        h_block=_num(entropy.get("block_nats")), h_block_bits=_num(entropy.get("block_bits")),
-        fidelity_row=fidelity_row, entropy_row=entropy_row,
-        lambda_med=_num(theory.get("lambda_star_median")), lambda_p90=_num(theory.get("lambda_star_p90")),
-        rho_star=_num(theory.get("rho_star_median")), wrong=_num(theory.get("wrong_block_share")),
-        not_top=_e(theory.get("target_not_top")), epsilon=_e(theory.get("epsilon")),
-        heatmap=heatmap_svg(blocks, first.get("tokens") or []),
-        no_metrics="" if choices else '<p class="bad">No metrics were recorded for this request.</p>',
+        no_metrics="" if localist and localist.choices else '<p class="bad">No metrics were recorded for this request.</p>',
+        **_metrics(blocks, first),
     )

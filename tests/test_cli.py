@@ -53,7 +53,7 @@ def test_chat_prints_answer_and_block_table(chatted):
     out, record = chatted
     result = record.localist()
     metrics = result.choices[0]
-    assert out.startswith(record.output["choices"][0]["text"] + "\n")
+    assert out.startswith(record.output.choices[0].text + "\n")
     rows = {m.group(1): m for m in re.finditer(r"^\s+\d+\s+(\S+)\s+(\S+)\s+(\d+)–(\d+)\s+(.*?)\s+([\d.]+)(  ◀ target)?$",
                                                out, re.M)}
     assert set(rows) == {b.label for b in result.blocks}
@@ -64,7 +64,9 @@ def test_chat_prints_answer_and_block_table(chatted):
         assert row.group(6) == f"{mass:.3f}"
         assert row.group(5) == bar(mass).rstrip()
         assert bool(row.group(7)) == (block.label == "R1")
-    assert f"pointer fidelity   {metrics.pointer_fidelity:.3f}" in out
+    assert f"pointer fidelity   all heads {metrics.pointer_fidelity:.3f}" in out
+    theory = metrics.theory
+    assert f"scored heads {theory.fidelity_measured:.3f}  bound ≥ {theory.fidelity_bound:.3f}" in out
     assert f"H(a) {metrics.entropy.total_nats:.3f} nats" in out
     assert f"bound ≤ {metrics.theory.entropy_bound_nats:.3f}" in out
     token_lines = [line for line in out.splitlines() if re.match(r"^\s+\d+\s+\"", line)]
@@ -78,14 +80,14 @@ def test_chat_json_is_the_servers_response(env, client):
     assert response["localist"]["locality"]["preset"] == "balanced"
     record = client.audit.get(response["localist"]["audit_id"])
     assert record.localist().model_dump(mode="json") == response["localist"]
-    assert record.request["body"]["messages"] == [{"role": "user", "content": "a question from stdin"}]
+    assert record.request.body["messages"] == [{"role": "user", "content": "a question from stdin"}]
 
 
 def test_chat_stream_prints_tokens_then_metrics(env, client):
     out = localist(env, "chat", "hello", "--stream", "--max-tokens", "4", "--temperature", "0").stdout
     audit_id = re.search(r"^audit (\S+)", out, re.M).group(1)
     record = client.audit.get(audit_id)
-    assert out.startswith(record.output["choices"][0]["text"] + "\n")
+    assert out.startswith(record.output.choices[0].text + "\n")
     assert record.localist().choices[0].num_tokens == 4
 
 
@@ -102,7 +104,7 @@ def test_audit_list_show_and_filters(env, chatted):
     table = localist(env, "audit", "list", "--block", "R1", "--since", "1h").stdout
     assert record.id in table and f"{len(listed)} record(s)" in table
     shown = localist(env, "audit", "show", record.id).stdout
-    assert f"record {record.id}" in shown and json.dumps(record.output["choices"][0]["text"]) in shown
+    assert f"record {record.id}" in shown and json.dumps(record.output.choices[0].text) in shown
     assert "◀ target" in shown
 
 

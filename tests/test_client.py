@@ -18,7 +18,7 @@ from localist.clients import (
     PermissionDeniedError,
     RateLimitError,
 )
-from localist.clients.models import AuditReport, ChatCompletionResponse, LocalistResult
+from localist.clients.contract import AuditReport, ChatCompletionResponse, LocalistResult
 
 RULES = [
     {"label": "R1", "kind": "rule", "text": "Refunds are paid within 30 days of a written claim."},
@@ -88,7 +88,7 @@ def test_audit_record_holds_what_the_caller_got(client, ruled):
     record = client.audit.get(ruled.localist.audit_id)
     assert record.status == "completed" and record.kind == "request"
     assert {"R1", "R2"} <= set(record.blocks)
-    assert record.output["choices"][0]["text"] == ruled.text
+    assert record.output.choices[0].text == ruled.text
     assert record.localist() == ruled.localist
     assert record.fidelity == pytest.approx(ruled.localist.choices[0].pointer_fidelity, abs=1e-6)
 
@@ -122,7 +122,7 @@ def test_stream_yields_tokens_with_their_attribution(client, ruled):
         assert len(got.attribution) == len(blocks)
         assert got.token_id == want.token_id
         assert got.attribution == pytest.approx(want.attribution, abs=1e-4)
-    assert client.audit.get(stream.audit_id).output["choices"][0]["text"] == stream.text()
+    assert client.audit.get(stream.audit_id).output.choices[0].text == stream.text()
 
 
 async def test_async_twin_gives_the_same_answers(live, client, ruled):
@@ -221,7 +221,7 @@ def test_complete_stream(client):
     assert all(len(t.attribution) == len(stream.localist.blocks) for t in tokens)
     assert "".join(d.text for d in deltas) == stream.text()
     record = client.audit.get(stream.audit_id)
-    assert record.output["choices"][0]["text"] == stream.text()
+    assert record.output.choices[0].text == stream.text()
 
 
 def test_several_choices_each_get_metrics(client):

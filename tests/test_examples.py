@@ -39,13 +39,15 @@ def test_openai_chat(localist_server, client):
     out = run(localist_server, "openai_chat.py")
     result = client.audit.get(audit_id(out))
     localist = result.localist()
-    assert out.startswith(f"answer: {result.output['choices'][0]['text']}\n")
+    assert out.startswith(f"answer: {result.output.choices[0].text}\n")
     assert f"dial ρ per layer: {localist.locality.rho}" in out
     metrics = localist.choices[0]
     for block in localist.blocks:
         assert re.search(rf"^  {re.escape(block.label)}\s+{block.kind}\s+attribution "
                          rf"{metrics.attribution[block.id]:.3f}$", out, re.M)
-    assert f"pointer fidelity: {metrics.pointer_fidelity:.3f}" in out
+    theory = metrics.theory
+    assert (f"pointer fidelity: {metrics.pointer_fidelity:.3f} (all heads); {theory.fidelity_measured:.3f} "
+            f"(scored heads, bound ≥ {theory.fidelity_bound:.3f})") in out
     assert localist.choices[0].target_block == next(b.id for b in localist.blocks if b.label == "R2")
 
 
@@ -53,7 +55,7 @@ def test_openai_stream(localist_server, client):
     out = run(localist_server, "openai_stream.py")
     record = client.audit.get(audit_id(out))
     n = record.localist().choices[0].num_tokens
-    assert out.startswith(record.output["choices"][0]["text"] + "\n")
+    assert out.startswith(record.output.choices[0].text + "\n")
     assert f"tokens streamed: {n}  completion_tokens: {n}" in out
     assert len(re.findall(r"^token\s+\d+ \(id\s+\d+\): top block", out, re.M)) == n
     assert record.localist().locality.preset == "balanced"
@@ -71,7 +73,7 @@ def test_localist_client(localist_server, client):
         rules = {b.label: b.id for b in metrics.blocks if b.kind == "rule"}
         assert top == max(rules, key=lambda label: metrics.choices[0].attribution[rules[label]])
     record = client.audit.get(audit_id(out))
-    assert f"streamed text: {record.output['choices'][0]['text']!r}" in out
+    assert f"streamed text: {record.output.choices[0].text!r}" in out
 
 
 def test_compliance_review_bundles_low_fidelity_answers(localist_server, client, tmp_path):

@@ -2,6 +2,7 @@
 computed from real ``localist_attention`` statistics, permutation invariance, T = 0, the levels."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -13,8 +14,9 @@ from hypothesis import strategies as st
 
 from localist.model.attention import BlockStats, localist_attention
 from localist.model.blocks import BlockTable
-from localist.model.metrics import metrics_for_table, response_layout, response_metrics
+from localist.model.metrics import metrics_for_table, response_layout, response_metrics, token_pointers
 from localist.model.theory import visible_counts
+from localist.server.wire import choice_metrics
 
 SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 LN2 = math.log(2)
@@ -37,6 +39,11 @@ def section7(rho: float) -> BlockStats:
     return BlockStats(*(t.view(1, 1, 1, 4) for t in (s.log_mass, s.mass, s.inner_entropy)))
 
 
+def wire(m, level: str = "summary") -> dict:
+    """The metrics as the server sends them (its one conversion of the model's results)."""
+    return choice_metrics(m, 0, level, [0] * m.num_tokens, lambda _: "").model_dump()
+
+
 ALL4 = torch.ones(4, dtype=torch.bool)
 NONE4 = torch.zeros(4, dtype=torch.bool)
 N7 = torch.tensor([[2.0, 3.0, 2.0, 1.0]])
@@ -49,7 +56,7 @@ def test_section7_through_the_metrics(rho):
     assert m.attribution.tolist() == pytest.approx(pi, abs=1e-5)
     assert m.entropy_nats == pytest.approx(Ha, abs=1e-5)
     assert m.block_entropy_nats == pytest.approx(Hpi, abs=1e-5)
-    d = m.to_dict()
+    d = wire(m)
     assert d["entropy"]["total_bits"] == pytest.approx(Ha / LN2, abs=1e-5)
     assert d["entropy"]["block_bits"] == pytest.approx(Hpi / LN2, abs=1e-5)
     # no target given: the top candidate (block 2) is used, and every block is a candidate (c = 1)
@@ -91,7 +98,7 @@ def test_fidelity_is_a_ratio_of_sums_and_null_when_nothing_points():
     cand = torch.tensor([False, True, True, False])
     pinned = torch.tensor([True, False, False, False])
     m = response_metrics(stats, cand, pinned, torch.tensor([[1.0, 1, 1, 1]]), target=1)
-    d = m.to_dict("per_layer")
+    d = wire(m, "per_layer")
     tok = d["tokens"][0]
     # heads: (π(t), c) = (0.3, 0.5), (0.1, 0.4), (0.0, 0.4), (0.0, 0.0)
     assert tok["head_pointer_fidelity"] == [[pytest.approx(0.6), pytest.approx(0.25)], [0.0, None]]
@@ -112,7 +119,7 @@ def test_a_response_that_never_points_has_null_fidelity():
     stats = BlockStats(torch.where(mass > 0, 0.0, -math.inf), mass, torch.zeros_like(mass))
     m = response_metrics(stats, torch.tensor([False, True, True, False]), torch.tensor([True, False, False, False]),
                          torch.ones(1, 4), target=2)
-    assert m.pointer_fidelity is None and m.to_dict("per_token")["tokens"][0]["pointer_fidelity"] is None
+    assert m.pointer_fidelity is None and wire(m, "per_token")["tokens"][0]["pointer_fidelity"] is None
     # no candidate mass anywhere and no target: no block can be named
     m = response_metrics(stats, torch.tensor([False, True, True, False]), torch.tensor([True, False, False, False]),
                          torch.ones(1, 4))
@@ -124,16 +131,16 @@ def test_no_generated_token():
     for target in (None, 2):
         m = response_metrics(empty, ALL4, NONE4, torch.zeros(0, 4), target=target, rho=0.5)
         for level in ("summary", "per_token", "per_layer"):
-            d = m.to_dict(level)
+            d = wire(m, level)
             json.dumps(d, allow_nan=False)
             assert d["num_tokens"] == 0 and d["attribution"] is None and d["pointer_fidelity"] is None
             assert d["entropy"]["total_nats"] is None and d["theory"]["fidelity_measured"] is None
-            assert d.get("tokens", []) == []
+            assert not d["tokens"]
         assert m.target_block == target
     # the reference model reports "no token" as stats of shape [0, 0, 0, 0]
     table, _ = table_case(1)
     m = metrics_for_table(BlockStats(*(torch.zeros(0, 0, 0, 0) for _ in range(3))), table, target="R1")
-    assert m.num_tokens == 0 and m.target_block == 1 and m.to_dict("per_layer")["tokens"] == []
+    assert m.num_tokens == 0 and m.target_block == 1 and wire(m, "per_layer")["tokens"] == []
 
 
 # --- metrics from real attention ------------------------------------------------------------
@@ -198,7 +205,26 @@ def test_properties_on_real_attention(seed, T, rho, target):
     th = m.theory
     assert th.bound_held_entropy in (1.0, None) and th.bound_held_fidelity in (1.0, None)
     assert th.fidelity_max_abs_error is None or th.fidelity_max_abs_error < 1e-5
-    json.dumps(m.to_dict("per_layer"), allow_nan=False)
+    json.dumps(wire(m, "per_layer"), allow_nan=False)
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**31 - 1), T=st.integers(1, 5), start=st.integers(0, 4), target=st.sampled_from([None, 2]))
+def test_a_streams_token_pointers_are_the_responses_per_token_values(seed, T, start, target):
+    """What a stream sends for tokens [start, T) (token_pointers, no theory) equals those tokens'
+    per-token values in the whole response's metrics."""
+    start = min(start, T - 1)
+    table, keys = table_case(T)
+    stats = real_stats(keys, table.num_blocks, T, 0.6, seed, pinned=torch.tensor(table.pinned()))
+    whole = metrics_for_table(stats, table, target=target, rho=0.6)
+    candidates = response_layout(table, T)[0][start:]
+    part = BlockStats(*(getattr(stats, f)[start:] for f in ("log_mass", "mass", "inner_entropy")))
+    attribution, fidelity = token_pointers(part, candidates, target)
+    assert torch.allclose(attribution, whole.tokens.attribution[start:], atol=1e-6)
+    if target is None:
+        assert fidelity is None
+    else:
+        assert torch.allclose(fidelity, whole.tokens.pointer_fidelity[start:], equal_nan=True)
 
 
 @SETTINGS
@@ -223,14 +249,14 @@ def test_relabelling_blocks_permutes_attribution_only(seed, T, rho, perm_seed, t
         assert b.target_block is None
     else:
         assert b.target_block == int(perm[a.target_block])
-    da, db = a.to_dict("per_token"), b.to_dict("per_token")
+    da, db = wire(a, "per_token"), wire(b, "per_token")
     for key in ("sink_mass", "candidate_mass", "pointer_fidelity"):
         assert db[key] == pytest.approx(da[key], abs=1e-5)
     assert db["entropy"] == pytest.approx(da["entropy"], abs=1e-5)
     for ta, tb in zip(da["tokens"], db["tokens"]):
         assert tb["pointer_fidelity"] == pytest.approx(ta["pointer_fidelity"], abs=1e-5)
         assert tb["entropy_nats"] == pytest.approx(ta["entropy_nats"], abs=1e-5)
-    ta, tb = a.theory.to_dict(), b.theory.to_dict()
+    ta, tb = dataclasses.asdict(a.theory), dataclasses.asdict(b.theory)
     for key in ("wrong_block_share", "fidelity_measured", "lambda_star_median", "bound_held_entropy"):
         assert (tb[key] is None) == (ta[key] is None)
         if ta[key] is not None:
@@ -289,7 +315,7 @@ def test_bad_input_names_the_field():
     with pytest.raises(ValueError, match="stats.mass"):
         response_metrics(BlockStats(stats.log_mass, stats.mass * math.nan, stats.inner_entropy), ALL4, NONE4, N7)
     with pytest.raises(ValueError, match="audit"):
-        response_metrics(stats, ALL4, NONE4, N7).to_dict("everything")
+        wire(response_metrics(stats, ALL4, NONE4, N7), "everything")
     with pytest.raises(ValueError, match="target"):
         metrics_for_table(real_stats(table.block_ids(), 6, 1, 0.0, 0), table, target="nope")
     with pytest.raises(ValueError, match="rho"):
@@ -313,7 +339,7 @@ def test_fast_enough_for_the_server():
     visible = torch.full((T, G), 50.0)
     start = time.perf_counter()
     m = response_metrics(stats, cand, pinned, visible, target=None, rho=0.5)
-    m.to_dict("per_token")
+    wire(m, "per_token")
     elapsed = time.perf_counter() - start
     assert m.theory.num_heads_scored == T * L * H
     assert elapsed < 10.0, elapsed

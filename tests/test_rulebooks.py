@@ -229,7 +229,7 @@ def test_format_rejects_inconsistent_answers():
 
 
 def test_chat_request_spans_mark_each_rule_and_the_question(generated, cases):
-    from localist.server.schemas import BlockSpec
+    from localist.clients.contract import BlockSpec
 
     for ex in generated["test"][:8] + cases[:4]:
         messages, blocks = chat_request(ex)

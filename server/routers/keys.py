@@ -3,46 +3,36 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
-from localist.server import schemas as S
+from localist.clients import contract as C
 from localist.server.auth import Principal, principal, require_admin
-from localist.server.errors import ApiError
-from localist.server.store import NotFound, RecordError
 
 router = APIRouter(prefix="/v1/keys", tags=["keys"])
-ERRORS = {code: {"model": S.ErrorResponse} for code in (400, 401, 403, 404, 429)}
+ERRORS = {code: {"model": C.ErrorResponse} for code in (400, 401, 403, 404, 429)}
 
 
-def _info(key) -> S.KeyInfo:
-    return S.KeyInfo(**key.to_dict(), active=key.active)
+def _info(key) -> C.KeyInfo:
+    return C.KeyInfo(**key.to_dict(), active=key.active)
 
 
-@router.post("", response_model=S.KeyCreated, responses=ERRORS)
-async def create_key(body: S.KeyCreate, request: Request, who: Principal = Depends(principal)):
+@router.post("", response_model=C.KeyCreated, responses=ERRORS)
+async def create_key(body: C.KeyCreate, request: Request, who: Principal = Depends(principal)):
     """Create a key; its token is returned once and stored only as a hash."""
     require_admin(who)
-    try:
-        token, key = await request.app.state.store.acreate_key(
-            tenant=body.tenant, name=body.name or f"{body.tenant} key", admin=body.admin,
-            rate_limit_per_min=body.rate_limit_per_min, max_concurrency=body.max_concurrency, actor=who.actor)
-    except RecordError as exc:
-        message = str(exc)
-        raise ApiError(400, message, message.split(":", 1)[0], "invalid_value") from None
-    return S.KeyCreated(token=token, key=_info(key))
+    token, key = await request.app.state.store.acreate_key(
+        tenant=body.tenant, name=body.name or f"{body.tenant} key", admin=body.admin,
+        rate_limit_per_min=body.rate_limit_per_min, max_concurrency=body.max_concurrency, actor=who.actor)
+    return C.KeyCreated(token=token, key=_info(key))
 
 
-@router.get("", response_model=S.KeyList, responses=ERRORS)
+@router.get("", response_model=C.KeyList, responses=ERRORS)
 async def list_keys(request: Request, who: Principal = Depends(principal), include_revoked: bool = False):
     require_admin(who)
     keys = await request.app.state.store.alist_keys(include_revoked=include_revoked)
-    return S.KeyList(data=[_info(k) for k in keys])
+    return C.KeyList(data=[_info(k) for k in keys])
 
 
-@router.delete("/{key_id}", response_model=S.KeyInfo, responses=ERRORS)
+@router.delete("/{key_id}", response_model=C.KeyInfo, responses=ERRORS)
 async def revoke_key(key_id: str, request: Request, who: Principal = Depends(principal)):
     """Revoke a key (idempotent)."""
     require_admin(who)
-    try:
-        key = await request.app.state.store.arevoke_key(key_id, actor=who.actor)
-    except NotFound:
-        raise ApiError(404, f"key {key_id!r} not found", "key_id", "not_found") from None
-    return _info(key)
+    return _info(await request.app.state.store.arevoke_key(key_id, actor=who.actor))

@@ -4,12 +4,12 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from localist.server import schemas as S
+from localist.clients import contract as C
 
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/health", response_model=S.Health)
+@router.get("/health", response_model=C.Health)
 async def health(request: Request, response: Response):
     """503 while the engine is down (it restarts by itself) or the audit store cannot be read."""
     state = request.app.state
@@ -25,9 +25,9 @@ async def health(request: Request, response: Response):
     response.status_code = 200 if ok else 503
     if not engine_ok:
         response.headers["Retry-After"] = str(engine.retry_after())
-    return S.Health(status="ok" if ok else "degraded", model=state.engine.name,
+    return C.Health(status="ok" if ok else "degraded", model=state.engine.name,
                     engine="running" if engine_ok else "restarting",
-                    engine_requests=engine.llm.get_num_unfinished_requests() if engine_ok else 0,
+                    engine_requests=engine.unfinished_requests(),
                     engine_restarts=engine.restarts, engine_down_since=engine.down_since,
                     engine_last_failure=engine.last_failure,
                     audit_store="ok" if store_ok else "error",
@@ -38,4 +38,4 @@ async def health(request: Request, response: Response):
             responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}})
 async def metrics(request: Request):
     """Prometheus exposition: requests, tokens, latency, dial and fidelity histograms, engine up and restarts."""
-    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(request.app.state.prometheus.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,14 +1,17 @@
 """Persistent audit store: hash-chained, signed records of every request, and the API keys.
 
-See ``records`` for the record the server fills and how it is hashed, ``store`` for the store.
+See ``records`` for what a record must hold and how it is hashed, ``store`` for the store.
 """
+from .chain import Receipt
 from .keys import ApiKey
-from .records import RecordError, canonical
+from .query import ALL_TENANTS, Page
+from .records import AlreadyRedacted, NotFound, RecordError, canonical
 from .signing import Checkpoint, load_public_key, load_signing_key, public_key_pem, read_checkpoint_log
-from .store import ALL_TENANTS, AuditStore, BrokenLink, NotFound, Page, Receipt, RecordProof, VerifyReport
+from .store import AuditStore
+from .verification import BrokenLink, RecordProof, VerifyReport
 
 __all__ = [
-    "ALL_TENANTS", "ApiKey", "AuditStore", "BrokenLink", "Checkpoint", "NotFound", "Page", "Receipt",
+    "ALL_TENANTS", "AlreadyRedacted", "ApiKey", "AuditStore", "BrokenLink", "Checkpoint", "NotFound", "Page", "Receipt",
     "RecordError", "RecordProof", "VerifyReport", "canonical", "load_public_key", "load_signing_key", "public_key_pem",
     "read_checkpoint_log",
 ]

@@ -1,18 +1,13 @@
-"""The plain-dict record the server fills, its validation, and the hashes the chain is built from.
+"""What the store requires of a request record, how it is validated, and the hashes the chain is built from.
 
-A request record (keys; anything else is an error naming the key):
-  tenant      str, required
-  status      "completed" | "aborted" | "failed", required
-  error       str | None (required for "failed")
-  id          str | None: the request id (a fresh uuid when absent); unique in the store
-  request     {model: str, weights_hash: str, rho: float | [float per layer] in [0, 1],
-               blocks: [{label: str, ...}] (Block.to_dict()), params: {...}, ...}, required
-  output      {...} | None           (text, token ids, finish reason: whatever the server returns)
-  metrics     {fidelity: float in [0, 1] | None (the response's pointer fidelity), ...} | None
-  timestamps  {name: unix seconds | None}
-  replay      {prompt_token_ids: [int], block_spans: BlockTable.to_wire(), seed: int | None, tokenizer_hash: str,
-               chat_template_hash: str | None, versions: {name: str}, ...} | None
-Indexed columns (model, rho_min/rho_max, fidelity, block labels, status, tenant) are taken from it.
+A request record is a dict (keys; anything else is an error naming the key):
+  tenant, status ("completed" | "aborted" | "failed"), error (required for "failed"), id (a fresh
+  uuid when absent; unique in the store), and the payload parts request, output, metrics,
+  timestamps, replay.
+The server writes the payload parts as the wire contract's ``Record*`` classes
+(``localist.clients.contract.audit``); the store reads only what it indexes and checks that: the
+model, ρ per layer (``request.rho``, in [0, 1]), the block labels (``request.blocks[*].label``), the
+pointer fidelity (``metrics.fidelity``), the timestamps, the replay's token ids and hashes.
 Everything is hashed as canonical JSON (sorted keys): the payload to ``payload_hash``; the indexed
 fields plus ``payload_hash`` to ``content_hash``; and ``(seq, prev_hash, content_hash)`` to
 ``chain_hash``. The chain therefore covers hashes only, and erasing a payload leaves it valid.
@@ -35,6 +30,18 @@ MAX_TENANT, MAX_ID, MAX_MODEL, MAX_LABEL = 128, 64, 256, 256
 
 class RecordError(ValueError):
     """A record (or a query argument) is malformed; the message names the offending field."""
+
+
+class AlreadyRedacted(RecordError):
+    """The record's payload was already erased."""
+
+
+class NotFound(LookupError):
+    """No such record or key visible to the caller; ``field`` names the argument that named it."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 def canonical(obj: Any) -> bytes:

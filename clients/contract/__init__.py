@@ -1,0 +1,87 @@
+"""The wire contract of the localist server: every request, response, metric and audit record, once.
+
+The server builds and reads these classes, the client reads them, and ``openapi.yaml`` is generated
+from them. One definition, two configurations:
+
+- as defined (the server): a response or stored record (:class:`WireModel`) forbids unknown fields,
+  so a misspelt field in the server is an error; a request (:class:`RequestModel`) is strict and
+  ignores fields it does not know;
+- as read (:func:`read`, the client; the server reading stored records): fields another version added
+  are tolerated and an absent nullable field is null. The client validates the blocks it sends with
+  ``extra="forbid"``, so a misspelt field fails before it is sent.
+
+Only pydantic is needed: the client install has no torch and no vLLM. Modules: ``generation`` (OpenAI's
+shapes with the locality extensions), ``metrics`` (the ``localist`` object), ``audit`` (records),
+``service`` (errors, models, health, keys).
+"""
+from .audit import (
+    AuditList,
+    AuditRecord,
+    AuditReport,
+    AuditSummary,
+    BrokenLink,
+    PurgeRequest,
+    PurgeResult,
+    RecordChoice,
+    RecordHashes,
+    RecordMetrics,
+    RecordOutput,
+    RecordReplay,
+    RecordRequest,
+    RecordSampling,
+    RecordTimestamps,
+    RecordVerification,
+    RedactRequest,
+    ReplayChoice,
+    ReplayResult,
+    ReplaySampling,
+    VerifyResult,
+)
+from .base import AuditLevel, FinishReason, Preset, RecordStatus, RequestModel, WireModel, read
+from .generation import (
+    AssistantMessage,
+    BlockSpec,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatLogprobs,
+    ChatMessage,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    LocalityFields,
+    StreamOptions,
+    TextContentPart,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
+from .metrics import (
+    BlockInfo,
+    ChoiceMetrics,
+    Dial,
+    Entropy,
+    LocalistDelta,
+    LocalistResult,
+    Theory,
+    TokenAttribution,
+    TokenMetrics,
+)
+from .service import ErrorBody, ErrorResponse, Health, KeyCreate, KeyCreated, KeyInfo, KeyList, ModelInfo, ModelList
+
+__all__ = [
+    "AssistantMessage", "AuditLevel", "AuditList", "AuditRecord", "AuditReport", "AuditSummary", "BlockInfo",
+    "BlockSpec", "BrokenLink", "ChatChoice", "ChatChunkChoice", "ChatCompletionChunk", "ChatCompletionRequest",
+    "ChatCompletionResponse", "ChatDelta", "ChatLogprobs", "ChatMessage", "ChoiceMetrics", "CompletionChoice",
+    "CompletionLogprobs", "CompletionRequest", "CompletionResponse", "Dial", "Entropy", "ErrorBody", "ErrorResponse",
+    "FinishReason", "Health", "KeyCreate", "KeyCreated", "KeyInfo", "KeyList", "LocalistDelta", "LocalistResult",
+    "LocalityFields", "ModelInfo", "ModelList", "Preset", "PurgeRequest", "PurgeResult", "RecordChoice",
+    "RecordHashes", "RecordMetrics", "RecordOutput", "RecordReplay", "RecordRequest", "RecordSampling",
+    "RecordStatus", "RecordTimestamps", "RecordVerification", "RedactRequest", "ReplayChoice", "ReplayResult",
+    "ReplaySampling", "RequestModel", "StreamOptions", "TextContentPart", "Theory", "TokenAttribution",
+    "TokenLogprob", "TokenMetrics", "TopLogprob", "Usage", "VerifyResult", "WireModel", "read",
+]

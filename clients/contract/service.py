@@ -1,0 +1,82 @@
+"""Errors, the served model, health and API keys."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from .base import RequestModel, WireModel
+
+
+class ErrorBody(WireModel):
+    message: str
+    type: str = Field(description="invalid_request_error | authentication_error | permission_error | "
+                      "not_found_error | rate_limit_error | server_error")
+    param: str | None = Field(None, description="Dotted path of the offending request field, e.g. `locality[2]`.")
+    code: str | None = None
+
+
+class ErrorResponse(WireModel):
+    error: ErrorBody
+
+
+class ModelInfo(WireModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    num_layers: int
+    num_heads: int
+    max_model_len: int
+    weights_sha256: str
+    stand_in: bool = Field(description="True for a generated, untrained stand-in model.")
+
+
+class ModelList(WireModel):
+    object: Literal["list"] = "list"
+    data: list[ModelInfo]
+
+
+class Health(WireModel):
+    status: Literal["ok", "degraded"]
+    model: str
+    engine: Literal["running", "restarting"] = Field(
+        description="`restarting`: the engine died and a new one is starting; generation is answered 503 "
+                    "with Retry-After meanwhile.")
+    engine_requests: int = Field(description="Requests unfinished in the engine (running or waiting).")
+    engine_restarts: int = Field(description="Engines started after the engine died, since the server started.")
+    engine_down_since: float | None = Field(description="Unix time the current outage began; null while serving.")
+    engine_last_failure: str | None = Field(description="Why the engine last died (kept after it is back).")
+    audit_store: Literal["ok", "error"]
+    dev_mode: bool = Field(description="Local dev mode: the audit store has never held an API key, so every caller "
+                           "is the admin of tenant `default`. False for good once any process created a key.")
+
+
+class KeyCreate(RequestModel):
+    tenant: str = Field(min_length=1, max_length=128)
+    name: str | None = Field(None, min_length=1, max_length=256)
+    admin: bool = Field(False, description="May manage keys and read every tenant's records.")
+    rate_limit_per_min: int | None = Field(None, ge=1, description="Requests per minute (per server process).")
+    max_concurrency: int | None = Field(None, ge=1, description="Concurrent generations (per server process).")
+
+
+class KeyInfo(WireModel):
+    key_id: str
+    tenant: str
+    name: str
+    admin: bool
+    created_us: int
+    revoked_us: int | None
+    rate_limit_per_min: int | None
+    max_concurrency: int | None
+    active: bool
+
+
+class KeyCreated(WireModel):
+    token: str = Field(description="The secret, shown once: send it as `Authorization: Bearer <token>`.")
+    key: KeyInfo
+
+
+class KeyList(WireModel):
+    object: Literal["list"] = "list"
+    data: list[KeyInfo]
