@@ -107,6 +107,30 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls, required_help: dict[
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _eval_rulebooks(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from localist.model.evaluate import evaluate_rulebooks, format_rulebook_table, majority_baseline, rulebook_cases
+
+    rhos = [float(r) for r in args.rho.split(",")]
+    case_sets = {split: rulebook_cases(split, args.examples if split != "handwritten" else 10**6, args.seed)
+                 for split in args.splits.split(",")}
+    tables = evaluate_rulebooks(args.model, case_sets, rhos, args.scopes.split(","),
+                                Path(args.responses) if args.responses else None,
+                                [int(t) for t in args.stop_token_ids.split(",") if t])
+    result = {"model": args.model, "rhos": rhos, "stop_token_ids": args.stop_token_ids,
+              "cases": {name: {"n": len(cases), "ids": [c.id for c in cases],
+                               "majority_baseline": majority_baseline(cases), "tables": tables[name]}
+                        for name, cases in case_sets.items()}}
+    for name, entry in result["cases"].items():
+        for scope, rows in entry["tables"].items():
+            print(f"\n{name}, dial scope {scope}:")
+            print(format_rulebook_table(Path(args.model).name, rows, entry["majority_baseline"]))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
 def add_commands(subparsers) -> None:
     train = subparsers.add_parser("train", help="train the default localist model (data, tokenizer, dial, recruitment)")
     _add_config_flags(train, TrainConfig, {"out": "output folder (checkpoints resume from here)"})
@@ -136,3 +160,15 @@ def add_commands(subparsers) -> None:
     ev.add_argument("--tolerance", type=float, default=0.02)
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(func=_eval)
+
+    rb = subparsers.add_parser("eval-rulebooks", help="a model's rulebook-task table over the dial, served through vLLM")
+    rb.add_argument("--model", required=True, help="model folder (a merged fine-tune or an imported base)")
+    rb.add_argument("--splits", default="test,handwritten", help="comma-separated: train, validation, test, handwritten")
+    rb.add_argument("--examples", type=int, default=80, help="examples of each generated split (the first ones)")
+    rb.add_argument("--seed", type=int, default=0)
+    rb.add_argument("--rho", default="0,0.25,0.5,0.75,0.9,1.0", help="comma-separated dial values")
+    rb.add_argument("--scopes", default="all", help="comma-separated dial scopes: all, evidence")
+    rb.add_argument("--stop-token-ids", default="", help="extra token ids that end an answer (comma-separated)")
+    rb.add_argument("--out", help="write the tables as JSON here")
+    rb.add_argument("--responses", help="append every response (answer, scores, metrics) here as JSON lines")
+    rb.set_defaults(func=_eval_rulebooks)

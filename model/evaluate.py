@@ -149,3 +149,160 @@ def format_table(table: dict) -> str:
                          f"{fmt(row['pointer_fidelity'])} | {fmt(row['entropy_nats'])} | "
                          f"{fmt(row['block_entropy_nats'])} |")
     return "\n".join(lines)
+
+
+# -- the rulebook task, served through vLLM (docs/data.md) ------------------------------------------
+RULEBOOK_COLUMNS = (
+    "joint_accuracy", "joint_ci95_low", "joint_ci95_high", "outcome_accuracy", "abstention_accuracy",
+    "pointer_fidelity", "fidelity_null_rate", "candidate_mass", "entropy_nats", "block_entropy_nats",
+    "wrong_block_share", "rho_star_median",
+)
+RULEBOOK_MAX_TOKENS = 24  # "Outcome: investigate. Rule: KYC-12." is 12 tokens with SmolLM2's tokenizer
+
+
+def rulebook_cases(split: str, count: int, seed: int = 0) -> list:
+    """The first ``count`` examples of a generated split, or the hand-written cases (``split="handwritten"``)."""
+    from localist.model.rulebooks import examples as rulebook_examples, handwritten
+
+    cases = handwritten.load() if split == "handwritten" else list(rulebook_examples(seed, split, count))
+    return cases[:count]
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion (95 % for z = 1.96)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def majority_baseline(cases: Sequence) -> float:
+    """Joint accuracy of always giving the most frequent expected (outcome, rule) answer."""
+    from collections import Counter
+
+    counts = Counter((c.outcome, c.target) for c in cases)
+    return counts.most_common(1)[0][1] / len(cases)
+
+
+def answer_scores(case, text: str) -> dict[str, bool]:
+    """Joint (outcome and rule label), outcome alone, and abstention (says "no rule applies" exactly when none does)."""
+    from localist.model.rulebooks import NO_RULE, parse_answer
+
+    outcome, label = parse_answer(text)
+    right_outcome = outcome == case.outcome
+    return {"joint": right_outcome and label == case.target, "outcome": right_outcome,
+            "abstention": (outcome == NO_RULE) == (case.outcome == NO_RULE)}
+
+
+class RulebookEngine:
+    """One vLLM engine (float32, CPU) serving a model folder as localist, run over cases at one dial value."""
+
+    def __init__(self, model_dir: str | Path, stop_token_ids: Sequence[int] = (), max_num_seqs: int = 16):
+        from transformers import AutoTokenizer
+        from vllm import LLM
+
+        from localist.model.vllm_engine import engine_kwargs
+
+        self.model_dir = Path(model_dir)
+        self.stop_token_ids = list(stop_token_ids)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        self.llm = LLM(**engine_kwargs(model_dir, dtype="float32", max_model_len=1024, max_num_seqs=max_num_seqs,
+                                       seed=0))
+        self.num_layers = self.llm.llm_engine.model_config.hf_config.num_hidden_layers
+
+    def run(self, cases: Sequence, rho: float, scope: str = "all") -> list[dict]:
+        """Per case: the answer, its scores and the response's metrics against the ground-truth target."""
+        from vllm import SamplingParams
+
+        from localist.model.blocks import LocalistParams
+        from localist.model.finetune import with_dial_scope
+        from localist.model.rulebooks import block_table
+        from localist.model.vllm_engine import cache_salt, fetch_stats_sync
+
+        tables = [with_dial_scope(block_table(c, self.tokenizer), scope) for c in cases]
+        prompts, samplings, ids = [], [], []
+        for k, (case, table) in enumerate(zip(cases, tables)):
+            params = LocalistParams(rho=[rho] * self.num_layers, blocks=table.to_wire(), request_id=f"{k}@{rho}@{scope}")
+            salt = cache_salt(params)
+            prompts.append({"prompt_token_ids": table.token_ids, **({"cache_salt": salt} if salt else {})})
+            samplings.append(SamplingParams(max_tokens=RULEBOOK_MAX_TOKENS, temperature=0.0,
+                                            stop_token_ids=self.stop_token_ids, extra_args={"localist": params.to_json()}))
+            ids.append(params.request_id)
+        outputs = self.llm.generate(prompts, samplings, use_tqdm=False)
+        results = []
+        for case, table, out, rid in zip(cases, tables, outputs, ids):
+            text = out.outputs[0].text
+            st = fetch_stats_sync(self.llm, rid, release=True)
+            target = table.index(case.target) if case.target is not None else None
+            m = metrics_for_table(BlockStats(st.log_mass, st.mass, st.inner_entropy), table, target=target, rho=rho)
+            results.append({"id": case.id, "answer": text.strip(), **answer_scores(case, text),
+                            "has_target": target is not None,
+                            "pointer_fidelity": m.pointer_fidelity if target is not None else None,
+                            "candidate_mass": m.candidate_mass, "entropy_nats": m.entropy_nats,
+                            "block_entropy_nats": m.block_entropy_nats,
+                            "wrong_block_share": m.theory.wrong_block_share if target is not None else None,
+                            "rho_star_median": m.theory.rho_star_median if target is not None else None})
+        return results
+
+
+def rulebook_row(rho: float, results: Sequence[dict]) -> dict:
+    """One table row from the per-case results at one dial value."""
+    n = len(results)
+    joint = sum(r["joint"] for r in results)
+    low, high = wilson_interval(joint, n)
+    targeted = [r for r in results if r["has_target"]]
+    fid = [r["pointer_fidelity"] for r in targeted if r["pointer_fidelity"] is not None]
+    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+    present = lambda key, rows: [r[key] for r in rows if r[key] is not None]  # noqa: E731
+    rho_stars = sorted(present("rho_star_median", targeted))
+    return {"rho": rho, "n": n, "joint_accuracy": joint / n, "joint_ci95_low": low, "joint_ci95_high": high,
+            "outcome_accuracy": mean([float(r["outcome"]) for r in results]),
+            "abstention_accuracy": mean([float(r["abstention"]) for r in results]),
+            "pointer_fidelity": mean(fid), "fidelity_null_rate": 1 - len(fid) / len(targeted) if targeted else None,
+            "candidate_mass": mean(present("candidate_mass", results)),
+            "entropy_nats": mean(present("entropy_nats", results)),
+            "block_entropy_nats": mean(present("block_entropy_nats", results)),
+            "wrong_block_share": mean(present("wrong_block_share", targeted)),
+            "rho_star_median": rho_stars[len(rho_stars) // 2] if rho_stars else None}
+
+
+def evaluate_rulebooks(model_dir: str | Path, case_sets: dict[str, Sequence], rhos: Sequence[float] = DEFAULT_RHOS,
+                       scopes: Sequence[str] = ("all",), responses: Path | None = None,
+                       stop_token_ids: Sequence[int] = ()) -> dict:
+    """``{case set: {scope: rows over ρ}}`` for one model folder (one engine for all of them); every
+    response is appended to ``responses`` (JSON lines) when given."""
+    engine = RulebookEngine(model_dir, stop_token_ids)
+    tables: dict[str, dict[str, list]] = {}
+    try:
+        for set_name, cases in case_sets.items():
+            for scope in scopes:
+                rows = []
+                for rho in rhos:
+                    results = engine.run(cases, rho, scope)
+                    rows.append(rulebook_row(rho, results))
+                    if responses is not None:
+                        with responses.open("a") as f:
+                            for r in results:
+                                f.write(json.dumps({"model": str(model_dir), "cases": set_name, "scope": scope,
+                                                    "rho": rho, **r}) + "\n")
+                tables.setdefault(set_name, {})[scope] = rows
+    finally:
+        del engine
+    return tables
+
+
+def format_rulebook_table(name: str, rows: Sequence[dict], baseline: float) -> str:
+    """Markdown rows of one model's table at one scope."""
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    lines = ["| model | ρ | joint acc. [Wilson 95 %] | majority baseline | outcome acc. | abstention acc. | "
+             "pointer fidelity (null rate) | candidate mass | H(a) nats | H(π) nats | wrong-block share | median ρ* |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {name} | {r['rho']} | {fmt(r['joint_accuracy'])} [{fmt(r['joint_ci95_low'])}, "
+                     f"{fmt(r['joint_ci95_high'])}] | {fmt(baseline)} | {fmt(r['outcome_accuracy'])} | "
+                     f"{fmt(r['abstention_accuracy'])} | {fmt(r['pointer_fidelity'])} ({fmt(r['fidelity_null_rate'])}) | "
+                     f"{fmt(r['candidate_mass'])} | {fmt(r['entropy_nats'])} | {fmt(r['block_entropy_nats'])} | "
+                     f"{fmt(r['wrong_block_share'])} | {fmt(r['rho_star_median'])} |")
+    return "\n".join(lines)

@@ -222,6 +222,17 @@ def pointer_batch(batch: Batch) -> tuple[Batch, torch.Tensor]:
     return replace(batch, target=batch.target.clamp(min=0)), batch.answer & has_target[:, None]
 
 
+def align_eos(tokenizer, eos_token_id: int | None) -> None:
+    """Answers end with the model's own end-of-turn token (its config's EOS, which the GGUF states).
+
+    Tokenizers converted from the same GGUF disagree across transformers versions: 5.17 names
+    <|im_start|> (id 1) as SmolLM2's EOS, 5.19 <|im_end|> (id 2); the config says 2 in both. A
+    fine-tune trained on the wrong EOS ends its answers with the wrong token and is never stopped.
+    """
+    if eos_token_id is not None and tokenizer.eos_token_id != eos_token_id:
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos_token_id)
+
+
 # -- training ---------------------------------------------------------------------------------------
 class Finetuner:
     def __init__(self, cfg: FinetuneConfig):
@@ -235,6 +246,9 @@ class Finetuner:
         self.base_dir = base_folder(cfg.base, self.out / "base")
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.base_dir))
         self.model = load_localist_model(self.base_dir).to(cfg.device)
+        align_eos(self.tokenizer, self.model.config.eos_token_id)
+        if self.tokenizer.pad_token_id is None:  # padding is masked out: any id will do
+            self.tokenizer.pad_token_id = self.tokenizer.eos_token_id
         targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
         self.loras = add_lora(self.model, targets, cfg.lora_rank, cfg.lora_alpha)
         params = [p for lora in self.loras.values() for p in (lora.lora_A, lora.lora_B)]
@@ -322,7 +336,7 @@ class Finetuner:
         source = json.loads(provenance.read_text()) if provenance.exists() else {"path": str(self.base_dir)}
         save_adapter(self.loras, self.out, self.cfg.lora_rank, self.cfg.lora_alpha, Path(self.cfg.base).name)
         meta = {"base": source, "training": asdict(self.cfg), "steps_done": self.step,
-                "trainable_parameters": self.trainable_parameters}
+                "trainable_parameters": self.trainable_parameters, "eos_token_id": self.tokenizer.eos_token_id}
         (self.out / FINETUNE_META).write_text(json.dumps(meta, indent=2) + "\n")
         return self.out
 

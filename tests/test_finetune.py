@@ -1,0 +1,126 @@
+"""LoRA fine-tuning with the dial (model/finetune.py): a few real steps on a tiny random Llama on CPU."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from localist.model.finetune import (
+    ADAPTER_CONFIG, ADAPTER_WEIGHTS, FINETUNE_META, Finetuner, RulebookBatches, align_eos, merge_adapter,
+    pointer_batch, with_dial_scope,
+)
+from localist.model.reference import LocalistBatch, load_localist_model
+from localist.model.rulebooks import encode, examples
+from localist.model.tiny import make_tiny_checkpoint
+from localist.model.train_config import FinetuneConfig
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("base"), num_layers=2)
+
+
+def config(out, base, **kw):
+    values = dict(out=str(out), base=str(base), steps=6, batch_size=2, lr=1e-2, warmup=1, lora_rank=4, eval_every=3,
+                  eval_examples=2, pointer_weight=0.5, mu_ramp=(0.0, 0.5), rho_ramp=(0.0, 0.5), progress=False)
+    values.update(kw)
+    return FinetuneConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, base):
+    torch.set_num_threads(2)
+    tuner = Finetuner(config(tmp_path_factory.mktemp("adapter"), base))
+    batch = RulebookBatches(tuner.cfg, tuner.tokenizer, 0)[0]
+    records = [tuner.train_step(batch) for _ in range(6)]
+    return tuner, records, tuner.save()
+
+
+def test_the_loss_falls_and_only_the_adapter_learns(trained, base):
+    tuner, records, _ = trained
+    assert records[-1]["answer_nll"] < 0.8 * records[0]["answer_nll"], [r["answer_nll"] for r in records]
+    assert records[-1]["mu"] > 0 and records[-1]["nu"] == 0.5  # the penalty ramped in, the pointer term is on
+    frozen = load_localist_model(base).state_dict()
+    for name, tensor in tuner.model.state_dict().items():
+        if "lora_" not in name:
+            assert torch.equal(tensor, frozen[name.replace(".base.", ".")]), name
+
+
+def test_the_adapter_is_saved_in_peft_layout(trained):
+    tuner, _, out = trained
+    config = json.loads((out / ADAPTER_CONFIG).read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4
+    assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    weights = load_file(str(out / ADAPTER_WEIGHTS))
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in weights
+    assert len(weights) == 2 * 7 * 2  # A and B, seven projections, two layers
+    meta = json.loads((out / FINETUNE_META).read_text())
+    assert meta["steps_done"] == 6 and meta["trainable_parameters"] == tuner.trainable_parameters
+
+
+def test_the_merged_checkpoint_computes_what_the_adapter_does(trained, base, tmp_path):
+    tuner, _, out = trained
+    merged = load_localist_model(merge_adapter(base, out, tmp_path / "merged"))
+    enc = encode(next(examples(0, "validation", 1)), tuner.tokenizer)
+    ids = torch.tensor([enc.input_ids])
+    tuner.model.eval()
+    with torch.no_grad():
+        for rho in (0.0, 0.9):
+            batch = lambda: LocalistBatch.from_tables([enc.table], [[rho] * 2], length=ids.shape[1])  # noqa: E731
+            want = tuner.model(input_ids=ids, localist=batch(), use_cache=False).logits
+            got = merged(input_ids=ids, localist=batch(), use_cache=False).logits
+            assert torch.allclose(want, got, atol=1e-4), (rho, float((want - got).abs().max()))
+
+
+def test_a_run_logs_validation_and_writes_the_adapter(tmp_path, base):
+    out = Finetuner(config(tmp_path / "run", base, steps=2, eval_every=2)).run()
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [0, 1, 2]
+    assert set(log[0]["validation"]) == {"rho=0.0", "rho=0.9"} and "validation" in log[-1]
+    assert (out / ADAPTER_WEIGHTS).exists()
+
+
+def test_evidence_scope_pins_every_block_that_is_not_a_candidate(base):
+    from transformers import AutoTokenizer
+
+    table = encode(next(examples(0, "train", 1)), AutoTokenizer.from_pretrained(base)).table
+    scoped = with_dial_scope(table, "evidence")
+    assert [b.pinned for b in scoped.blocks] == [not b.candidate for b in table.blocks]
+    assert scoped.candidates() == table.candidates() and with_dial_scope(table, "all") is table
+    with pytest.raises(ValueError, match="dial_scope"):
+        with_dial_scope(table, "rules")
+
+
+def test_no_rule_examples_have_no_pointer_queries(base):
+    from transformers import AutoTokenizer
+
+    from localist.model.train import collate
+
+    tok = AutoTokenizer.from_pretrained(base)
+    cases = list(examples(0, "train", 4))  # one rulebook: three outcome classes and one no-rule question
+    batch = collate([encode(c, tok) for c in cases], tok.pad_token_id, 0.0)
+    targeted, queries = pointer_batch(batch)
+    assert bool((targeted.target >= 0).all())
+    for row, case in enumerate(cases):
+        assert bool(queries[row].any()) == (case.target is not None)
+
+
+def test_the_answer_ends_with_the_models_own_eos(base):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base)
+    eos = tok.eos_token_id
+    tok.eos_token = tok.convert_ids_to_tokens(tok.bos_token_id)  # as transformers 5.17 reads SmolLM2's GGUF
+    align_eos(tok, eos)
+    assert tok.eos_token_id == eos
+    assert encode(next(examples(0, "train", 1)), tok).answer_ids[-1] == eos
+
+
+def test_cli_builds_the_finetune_settings():
+    from localist.clients.cli import build_parser
+    from localist.model.cli import finetune_config
+
+    args = build_parser().parse_args(["finetune", "--out", "a", "--base", "b.gguf", "--mu", "0", "--rho-ramp", "0", "0.2",
+                                      "--dial-scope", "evidence"])
+    cfg = finetune_config(args)
+    assert (cfg.mu, cfg.rho_ramp, cfg.dial_scope, cfg.lora_rank) == (0.0, (0.0, 0.2), "evidence", 8)
