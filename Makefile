@@ -4,7 +4,7 @@ VENV  ?= .venv
 EXTRA ?= cpu
 PY    := $(VENV)/bin/python
 
-.PHONY: setup system-deps run test
+.PHONY: setup system-deps run test reliability
 setup: $(VENV)/.installed-$(EXTRA)
 
 $(VENV)/.installed-$(EXTRA): pyproject.toml
@@ -28,3 +28,8 @@ run: setup
 
 test: setup system-deps
 	$(PY) -m pytest -q tests
+
+# The reliability suite with its long parts (bigger fuzzing budgets and load), writing
+# bench/results/reliability.md; `make test` runs the same tests in their short form.
+reliability: setup system-deps
+	$(PY) bench/reliability.py
