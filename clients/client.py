@@ -6,7 +6,7 @@ gives static type checkers the same signatures.
 """
 from .endpoints import _AuditEndpoints, _Endpoints, _KeysEndpoints
 from .streams import AsyncStream, Stream, StreamDelta
-from .transport import _AsyncConnection, _AsyncRunner, _Namespace, _SyncConnection, _SyncRunner, twin
+from .transport import _AsyncConnection, _SyncConnection, twin
 
 AUDIT_DOC = ("Audit records of the caller's tenant: ``get``, ``list`` (auto-paginated), ``report``, ``verify``, "
              "``redact``, ``replay``; ``purge`` (admin) and ``public_key``.")
@@ -22,13 +22,12 @@ Endpoints: ``chat``, ``complete``, ``chat_stream``, ``complete_stream``, ``model
 ``audit.get/list/report/verify/redact/replay/purge/public_key`` and (admin key) ``keys.create/list/revoke``.
 """
 
-AuditAPI = twin("AuditAPI", (_Namespace, _SyncRunner), _AuditEndpoints, AUDIT_DOC)
-AsyncAuditAPI = twin("AsyncAuditAPI", (_Namespace, _AsyncRunner), _AuditEndpoints, AUDIT_DOC)
-KeysAPI = twin("KeysAPI", (_Namespace, _SyncRunner), _KeysEndpoints, KEYS_DOC)
-AsyncKeysAPI = twin("AsyncKeysAPI", (_Namespace, _AsyncRunner), _KeysEndpoints, KEYS_DOC)
-Client = twin("Client", (_SyncConnection,), _Endpoints, CLIENT_DOC.format(kind=""), _audit_cls=AuditAPI,
-              _keys_cls=KeysAPI)
-AsyncClient = twin("AsyncClient", (_AsyncConnection,), _Endpoints,
+AuditAPI = twin("AuditAPI", _SyncConnection, _AuditEndpoints, AUDIT_DOC, namespace=True)
+AsyncAuditAPI = twin("AsyncAuditAPI", _AsyncConnection, _AuditEndpoints, AUDIT_DOC, namespace=True)
+KeysAPI = twin("KeysAPI", _SyncConnection, _KeysEndpoints, KEYS_DOC, namespace=True)
+AsyncKeysAPI = twin("AsyncKeysAPI", _AsyncConnection, _KeysEndpoints, KEYS_DOC, namespace=True)
+Client = twin("Client", _SyncConnection, _Endpoints, CLIENT_DOC.format(kind=""), _audit_cls=AuditAPI, _keys_cls=KeysAPI)
+AsyncClient = twin("AsyncClient", _AsyncConnection, _Endpoints,
                    CLIENT_DOC.format(kind=", async (every endpoint is awaited; lists are async iterators)"),
                    _audit_cls=AsyncAuditAPI, _keys_cls=AsyncKeysAPI)
 

@@ -13,15 +13,16 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 from .client import Client
 from .errors import LocalistError
-from .contract import AuditRecord, AuditSummary, ChoiceMetrics, LocalistResult
+from .contract import AuditRecord, AuditSummary, ChoiceMetrics, LocalistResult, ReplayResult, VerifyResult
 
 BAR_WIDTH = 24
+T = TypeVar("T")
 _EIGHTHS = " ▏▎▍▌▋▊▉█"
 
 
@@ -290,13 +291,19 @@ def render_record(record: AuditRecord) -> str:
     return "\n".join(lines)
 
 
-def cmd_audit_show(args) -> int:
+def _answer(args, ask: Callable[[Client], T], render: Callable[[T], str]) -> T:
+    """Ask the server once; print its answer as JSON (``--json``) or rendered for people."""
     with _client(args) as client:
-        record = client.audit.get(args.id)
+        answer = ask(client)
     if args.json:
-        _dump(record, sys.stdout)
+        _dump(answer, sys.stdout)
     else:
-        print(render_record(record))
+        print(render(answer))
+    return answer
+
+
+def cmd_audit_show(args) -> int:
+    _answer(args, lambda client: client.audit.get(args.id), render_record)
     return 0
 
 
@@ -324,45 +331,37 @@ def cmd_audit_export(args) -> int:
     return 0
 
 
+def render_verification(result: VerifyResult) -> str:
+    if result.ok:
+        signed = result.signed_seq if result.signed_seq is not None else "—"
+        return (f"chain OK: {result.checked} record(s) checked, head seq {result.head_seq} "
+                f"({result.head_hash[:16]}…), signed up to seq {signed} "
+                f"({result.signatures_valid} valid signature(s), {result.signatures_untrusted} untrusted), "
+                f"{result.redacted} redacted")
+    broken = result.first_broken
+    where = f"seq {broken.seq}" + (f" (record {broken.record_id})" if broken.record_id else "") if broken else "?"
+    return f"chain BROKEN at {where}: {broken.reason if broken else 'unknown'} — {result.checked} record(s) checked"
+
+
 def cmd_audit_verify(args) -> int:
-    with _client(args) as client:
-        result = client.audit.verify()
-    if args.json:
-        _dump(result, sys.stdout)
-    elif result.ok:
-        print(f"chain OK: {result.checked} record(s) checked, head seq {result.head_seq} "
-              f"({result.head_hash[:16]}…), signed up to seq {result.signed_seq if result.signed_seq is not None else '—'} "
-              f"({result.signatures_valid} valid signature(s), {result.signatures_untrusted} untrusted), "
-              f"{result.redacted} redacted")
-    else:
-        broken = result.first_broken
-        where = f"seq {broken.seq}" + (f" (record {broken.record_id})" if broken.record_id else "") if broken else "?"
-        print(f"chain BROKEN at {where}: {broken.reason if broken else 'unknown'}"
-              f" — {result.checked} record(s) checked")
-    return 0 if result.ok else 1
+    return 0 if _answer(args, lambda client: client.audit.verify(), render_verification).ok else 1
+
+
+def render_replay(result: ReplayResult) -> str:
+    lines = [f"replay {result.replay_id} of {result.record_id}: "
+             + ("every choice reproduced its tokens" if result.matches else "the output DIFFERS")]
+    lines += [f"  choice {c.index}: {len(c.original_token_ids)} original token(s), {len(c.replay_token_ids)} replayed, "
+              f"{'match' if c.matches else 'MISMATCH'}" for c in result.choices]
+    return "\n".join(lines)
 
 
 def cmd_audit_replay(args) -> int:
-    with _client(args) as client:
-        result = client.audit.replay(args.id)
-    if args.json:
-        _dump(result, sys.stdout)
-    else:
-        print(f"replay {result.replay_id} of {result.record_id}: "
-              + ("every choice reproduced its tokens" if result.matches else "the output DIFFERS"))
-        for choice in result.choices:
-            print(f"  choice {choice.index}: {len(choice.original_token_ids)} original token(s), "
-                  f"{len(choice.replay_token_ids)} replayed, {'match' if choice.matches else 'MISMATCH'}")
-    return 0 if result.matches else 1
+    return 0 if _answer(args, lambda client: client.audit.replay(args.id), render_replay).matches else 1
 
 
 def cmd_audit_redact(args) -> int:
-    with _client(args) as client:
-        summary = client.audit.redact(args.id, args.reason)
-    if args.json:
-        _dump(summary, sys.stdout)
-    else:
-        print(f"record {summary.id}: payload erased (redacted={summary.redacted}); the chain keeps its hashes")
+    _answer(args, lambda client: client.audit.redact(args.id, args.reason),
+            lambda s: f"record {s.id}: payload erased (redacted={s.redacted}); the chain keeps its hashes")
     return 0
 
 

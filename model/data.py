@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from localist.model.blocks import BlockTable, Span, table_from_chat
 from localist.model.recruitment import apply_layout
@@ -183,11 +183,6 @@ class Example:
     @property
     def target_block(self) -> Evidence:
         return next(e for e in self.evidence if e.label == self.target)
-
-    def with_evidence(self, label: str, **changes) -> Example:
-        """The same example with one block's structured content changed (for ground-truth checks)."""
-        evidence = tuple(replace(e, fields={**e.fields, **changes}) if e.label == label else e for e in self.evidence)
-        return replace(self, evidence=evidence)
 
     def messages(self) -> list[dict[str, str]]:
         """Chat messages: the instruction, then one user turn holding the evidence and the question."""

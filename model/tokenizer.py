@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
-from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -58,7 +57,3 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> dict[str, str]:
         "tokenizer_sha256": hashlib.sha256(vocab_json.encode()).hexdigest(),
         "chat_template_sha256": hashlib.sha256((template or "").encode()).hexdigest(),
     }
-
-
-def save_tokenizer(tokenizer: PreTrainedTokenizerFast, path: str | Path) -> None:
-    tokenizer.save_pretrained(str(path))

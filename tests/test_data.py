@@ -1,11 +1,20 @@
 """The task generator's ground truth: the answer comes from the target block alone."""
+from dataclasses import replace
+
 import pytest
 
 from localist.model.data import (
     DOC_TEMPLATES, DOMAINS, PARAPHRASE_DOC_TEMPLATES, PARAPHRASE_RULE_TEMPLATES, RULE_TEMPLATES, SPLITS,
-    TEST_DOC_TEMPLATES, TEST_RULE_TEMPLATES, block_matches, corpus_texts, encode, examples, make_example, solve,
+    TEST_DOC_TEMPLATES, TEST_RULE_TEMPLATES, Example, block_matches, corpus_texts, encode, examples, make_example,
+    solve,
 )
 from localist.model.tokenizer import train_tokenizer
+
+
+def with_evidence(ex: Example, label: str, **changes) -> Example:
+    """The same example with one block's structured content changed."""
+    evidence = tuple(replace(e, fields={**e.fields, **changes}) if e.label == label else e for e in ex.evidence)
+    return replace(ex, evidence=evidence)
 
 
 @pytest.fixture(scope="module")
@@ -48,18 +57,18 @@ def test_answer_changes_with_the_target_block_and_not_with_distractors():
             if other.label == ex.target:
                 continue
             edit = {"thr": 99, "above": "freeze", "below": "pay"} if other.kind == "rule" else {"values": {}}
-            assert ex.with_evidence(other.label, **edit).answer == ex.answer
+            assert with_evidence(ex, other.label, **edit).answer == ex.answer
         if ex.case.family == "rule":
             f = ex.target_block.fields
             # move the limit to the other side of the case value: the decision must flip
-            flipped = ex.with_evidence(ex.target, thr=ex.case.value + 1 if ex.case.value > f["thr"] else ex.case.value - 1)
+            flipped = with_evidence(ex, ex.target, thr=ex.case.value + 1 if ex.case.value > f["thr"] else ex.case.value - 1)
             if f["above"] != f["below"]:
                 assert flipped.answer != ex.answer
                 changed += 1
         else:
             values = dict(ex.target_block.fields["values"])
             values[ex.case.field] = values[ex.case.field] % 89 + 10  # another two-digit value
-            assert ex.with_evidence(ex.target, values=values).answer != ex.answer
+            assert with_evidence(ex, ex.target, values=values).answer != ex.answer
             changed += 1
     assert changed == 100
 

@@ -145,12 +145,18 @@ class ChatChoice(WireModel):
     finish_reason: FinishReason | None
 
 
-class ChatCompletionResponse(WireModel):
+class _Completion(WireModel):
+    """What every completion object and stream event starts with."""
+
     id: str
-    object: Literal["chat.completion"] = "chat.completion"
+    object: str
     created: int
     model: str
     system_fingerprint: str | None = None
+
+
+class ChatCompletionResponse(_Completion):
+    object: Literal["chat.completion"] = "chat.completion"
     choices: list[ChatChoice]
     usage: Usage
     localist: LocalistResult
@@ -174,15 +180,11 @@ class ChatChunkChoice(WireModel):
     localist: LocalistDelta | None = None
 
 
-class ChatCompletionChunk(WireModel):
+class ChatCompletionChunk(_Completion):
     """One SSE event. The last event before `[DONE]` has no choices and carries `localist` (and `usage` when
     `stream_options.include_usage`)."""
 
-    id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    system_fingerprint: str | None = None
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
     localist: LocalistResult | None = None
@@ -203,12 +205,8 @@ class CompletionChoice(WireModel):
     localist: LocalistDelta | None = Field(None, description="Streaming only: per-token attribution of this delta.")
 
 
-class CompletionResponse(WireModel):
-    id: str
+class CompletionResponse(_Completion):
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    system_fingerprint: str | None = None
     choices: list[CompletionChoice]
     usage: Usage | None = Field(description="Always set on full responses; on the last stream event only.")
     localist: LocalistResult | None = Field(description="Always set on full responses; on the last stream event only.")

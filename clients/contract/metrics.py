@@ -33,9 +33,9 @@ class BlockInfo(WireModel):
 
 class Entropy(WireModel):
     total_nats: float | None = Field(description="H(a): attention entropy over tokens (mean over tokens, layers, heads).")
-    total_bits: float | None
+    total_bits: float | None = Field(description="H(a) in bits.")
     block_nats: float | None = Field(description="H(π): entropy of the block distribution.")
-    block_bits: float | None
+    block_bits: float | None = Field(description="H(π) in bits.")
 
 
 class Theory(WireModel):
@@ -56,9 +56,11 @@ class Theory(WireModel):
     fidelity_predicted: float | None = Field(description="Exact fidelity from the block margins (docs/theory.md §4).")
     fidelity_bound: float | None = Field(description="Candidate-mass-weighted lower bound on the scored-heads "
                                          "pointer fidelity `fidelity_measured`.")
-    fidelity_max_abs_error: float | None
+    fidelity_max_abs_error: float | None = Field(description="Largest |measured − exact fidelity| over the scored "
+                                                 "heads (float32 rounding when the engine computes docs/theory.md §2).")
     bound_held_fidelity: float | None = Field(description="Fraction of scored heads where the bound held (1.0).")
-    entropy_measured_nats: float | None
+    entropy_measured_nats: float | None = Field(description="Scored heads' mean candidate-part entropy H(q) + Σ q H(w): "
+                                                "the value `entropy_bound_nats` bounds (not the total entropy H(a)).")
     entropy_bound_nats: float | None = Field(description="Mean upper bound on candidate-part entropy.")
     bound_held_entropy: float | None
 

@@ -65,11 +65,11 @@ class KeyInfo(WireModel):
     tenant: str
     name: str
     admin: bool
-    created_us: int
-    revoked_us: int | None
-    rate_limit_per_min: int | None
-    max_concurrency: int | None
-    active: bool
+    created_us: int = Field(description="Unix microseconds.")
+    revoked_us: int | None = Field(description="Unix microseconds; null while the key is active.")
+    rate_limit_per_min: int | None = Field(description="Requests per minute (per server process); null: no limit.")
+    max_concurrency: int | None = Field(description="Concurrent generations (per server process); null: no limit.")
+    active: bool = Field(description="Not revoked.")
 
 
 class KeyCreated(WireModel):

@@ -40,17 +40,18 @@ def append(conn: Connection, entries: Sequence[Entry]) -> list[Receipt]:
     rows, bodies, labels, receipts = [], [], [], []
     for e in entries:
         seq += 1
-        content = e.header(created).content_hash()
+        h = e.header(created)
+        content = h.content_hash()
         chain = link_hash(seq, prev, content)
         rows.append({
-            "seq": seq, "record_id": e.record_id, "kind": e.kind, "tenant": e.tenant,
-            "created_us": created, "status": e.status, "model": e.model, "rho_min": e.rho_min,
-            "rho_max": e.rho_max, "fidelity": e.fidelity, "payload_hash": e.payload_hash,
+            "seq": seq, "record_id": h.record_id, "kind": h.kind, "tenant": h.tenant,
+            "created_us": created, "status": h.status, "model": h.model, "rho_min": h.rho_min,
+            "rho_max": h.rho_max, "fidelity": h.fidelity, "payload_hash": h.payload_hash,
             "content_hash": content, "prev_hash": prev, "chain_hash": chain,
         })
         bodies.append({"seq": seq, "body": e.body.decode()})
-        labels.extend({"seq": seq, "label": label} for label in e.blocks)
-        receipts.append(Receipt(e.record_id, seq, chain, created))
+        labels.extend({"seq": seq, "label": label} for label in h.blocks)
+        receipts.append(Receipt(h.record_id, seq, chain, created))
         prev = chain
     conn.execute(sa.insert(audit_records), rows)
     conn.execute(sa.insert(audit_payloads), bodies)

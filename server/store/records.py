@@ -14,6 +14,7 @@ fields plus ``payload_hash`` to ``content_hash``; and ``(seq, prev_hash, content
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import uuid
@@ -97,25 +98,14 @@ class Header:
 
 @dataclass(frozen=True)
 class Entry:
-    """A validated record waiting for its place in the chain (created_us is set under the lock)."""
+    """A validated record waiting for its place in the chain: its header (``created_us`` is set under
+    the append lock) and its payload."""
 
-    record_id: str
-    kind: str
-    tenant: str
-    status: str | None
-    model: str | None
-    rho_min: float | None
-    rho_max: float | None
-    fidelity: float | None
-    blocks: tuple[str, ...]
+    unplaced: Header  # created_us 0
     body: bytes  # canonical JSON of the payload
-    payload_hash: str
 
     def header(self, created_us: int) -> Header:
-        return Header(
-            self.record_id, self.kind, self.tenant, created_us, self.status, self.model,
-            self.rho_min, self.rho_max, self.fidelity, self.blocks, self.payload_hash,
-        )
+        return dataclasses.replace(self.unplaced, created_us=created_us)
 
 
 def check_json(value: Any, path: str) -> None:
@@ -245,4 +235,5 @@ def make_entry(record_id: str, kind: str, tenant: str, payload: dict, *, status:
                model: str | None = None, rho_min: float | None = None, rho_max: float | None = None,
                fidelity: float | None = None, blocks: tuple[str, ...] = ()) -> Entry:
     body = canonical(payload)
-    return Entry(record_id, kind, tenant, status, model, rho_min, rho_max, fidelity, blocks, body, sha256_hex(body))
+    return Entry(Header(record_id, kind, tenant, 0, status, model, rho_min, rho_max, fidelity, blocks, sha256_hex(body)),
+                 body)

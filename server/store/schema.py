@@ -56,22 +56,28 @@ audit_record_blocks = sa.Table(
     sa.Index("ix_audit_record_blocks_label_seq", "label", "seq"),
 )
 
+
+
+def _chain_point() -> tuple[sa.Column, sa.Column]:
+    """A point of the chain: a seq and the chain hash there (new columns for each table)."""
+    return sa.Column("seq", sa.BigInteger(), nullable=False), sa.Column("chain_hash", sa.String(64), nullable=False)
+
+
 # One row (id = 1): locking it serialises appends across threads, processes and replicas.
 chain_head = sa.Table(
     "chain_head",
     metadata,
     sa.Column("id", sa.Integer(), primary_key=True, autoincrement=False),
-    sa.Column("seq", sa.BigInteger(), nullable=False),
-    sa.Column("chain_hash", sa.String(64), nullable=False),
+    *_chain_point(),
     sa.Column("created_us", sa.BigInteger(), nullable=False),
 )
 
+# Signed checkpoints of the head.
 chain_signatures = sa.Table(
     "chain_signatures",
     metadata,
     sa.Column("id", sa.Integer(), primary_key=True, autoincrement=True),
-    sa.Column("seq", sa.BigInteger(), nullable=False),
-    sa.Column("chain_hash", sa.String(64), nullable=False),
+    *_chain_point(),
     sa.Column("signed_us", sa.BigInteger(), nullable=False),
     sa.Column("key_id", sa.String(32), nullable=False),
     sa.Column("signature", sa.String(128), nullable=False),

@@ -144,7 +144,7 @@ class AuditStore:
             with self._wengine.begin() as conn:
                 return append(conn, entries)
         except IntegrityError as e:
-            raise RecordError(f"record.id: already stored ({', '.join(x.record_id for x in entries)})") from e
+            raise RecordError(f"record.id: already stored ({', '.join(x.unplaced.record_id for x in entries)})") from e
 
     def record(self, record: dict) -> Receipt:
         """Validate and append one request record (blocking); returns once it is committed."""
