@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
 from pathlib import Path
 
 import httpx
+import pytest
 import yaml
 
-from localist.server.openapi import schema
+from localist.server.openapi import schema, shape_differences
 
 ROOT = Path(__file__).resolve().parents[1]
 REGENERATE = "run `.venv/bin/python -m localist.server.openapi > openapi.yaml`"
@@ -31,3 +34,24 @@ def test_served_schema_equals_openapi_yaml(localist_server):
             "/v1/audit/{record_id}/report", "/v1/audit/verify", "/health", "/metrics"} <= paths
     chat = served["components"]["schemas"]["ChatCompletionRequest"]["properties"]
     assert {"locality", "blocks", "target_block", "audit"} <= set(chat)
+
+
+# The last commit before the wire contract was redesigned (issue 16), and what the redesign changed in
+# what a client receives: audit records no longer admit undeclared fields, and a record's payload
+# parts are typed objects instead of free-form ones. When the API changes on purpose, move the base to
+# the commit before the change and list what it changes.
+BASE = "c135ccdecab1138fc26c47a09464745a0db677e3"
+TYPED_PART = re.compile(r"/properties/(request|output|metrics|timestamps|replay)/anyOf\[0\]/"
+                        r"(properties|required|additionalProperties)$")
+
+
+def test_the_api_differs_from_the_base_only_as_listed():
+    """`python -m localist.server.openapi --diff REV` prints the differences."""
+    try:
+        _, shape = shape_differences(BASE)
+    except subprocess.CalledProcessError:
+        pytest.skip(f"this clone has no commit {BASE[:12]} (shallow)")
+    unlisted = [(where, old, new) for where, old, new in shape
+                if not TYPED_PART.search(where) and not (where.endswith("/additionalProperties") and (old, new) == (True, False))]
+    assert not unlisted, unlisted
+    assert any(TYPED_PART.search(where) for where, _, _ in shape)
