@@ -163,7 +163,9 @@ def add_commands(subparsers) -> None:
 
     rb = subparsers.add_parser("eval-rulebooks", help="a model's rulebook-task table over the dial, served through vLLM")
     rb.add_argument("--model", required=True, help="model folder (a merged fine-tune or an imported base)")
-    rb.add_argument("--splits", default="test,handwritten", help="comma-separated: train, validation, test, handwritten")
+    rb.add_argument("--splits", default="test,handwritten",
+                    help="comma-separated: train, validation, test, handwritten, or <split>-target-removed (the "
+                         "faithfulness probe: each case with a target rule, that rule removed, expects no rule)")
     rb.add_argument("--examples", type=int, default=80, help="examples of each generated split (the first ones)")
     rb.add_argument("--seed", type=int, default=0)
     rb.add_argument("--rho", default="0,0.25,0.5,0.75,0.9,1.0", help="comma-separated dial values")

@@ -160,10 +160,29 @@ RULEBOOK_COLUMNS = (
 RULEBOOK_MAX_TOKENS = 24  # "Outcome: investigate. Rule: KYC-12." is 12 tokens with SmolLM2's tokenizer
 
 
+REMOVED = "-target-removed"  # suffix of a case set: the cases with a target rule, that rule taken out
+
+
+def without_target(case):
+    """The faithfulness probe: the case with its target rule removed, so that no rule applies.
+
+    The generator solves every case so that exactly the target applies (docs/data.md); without it
+    the right answer is "no rule applies"."""
+    from dataclasses import replace
+
+    from localist.model.rulebooks import NO_RULE
+
+    rules = tuple(r for r in case.rules if r.label != case.target)
+    return replace(case, id=case.id + REMOVED, rules=rules, outcome=NO_RULE, target=None, logic=(), case=None)
+
+
 def rulebook_cases(split: str, count: int, seed: int = 0) -> list:
-    """The first ``count`` examples of a generated split, or the hand-written cases (``split="handwritten"``)."""
+    """The first ``count`` examples of a generated split, the hand-written cases (``handwritten``), or
+    either's cases with a target rule with that rule removed (``<split>-target-removed``)."""
     from localist.model.rulebooks import examples as rulebook_examples, handwritten
 
+    if split.endswith(REMOVED):
+        return [without_target(c) for c in rulebook_cases(split.removesuffix(REMOVED), count, seed) if c.target]
     cases = handwritten.load() if split == "handwritten" else list(rulebook_examples(seed, split, count))
     return cases[:count]
 

@@ -124,3 +124,55 @@ def test_cli_builds_the_finetune_settings():
                                       "--dial-scope", "evidence"])
     cfg = finetune_config(args)
     assert (cfg.mu, cfg.rho_ramp, cfg.dial_scope, cfg.lora_rank) == (0.0, (0.0, 0.2), "evidence", 8)
+
+
+# -- the rulebook evaluation's scoring (model/evaluate.py); the vLLM run itself is measured in the model card --
+def test_wilson_interval_matches_the_closed_form():
+    from localist.model.evaluate import wilson_interval
+
+    low, high = wilson_interval(8, 10)
+    assert low == pytest.approx(0.4902, abs=1e-4) and high == pytest.approx(0.9433, abs=1e-4)
+    assert wilson_interval(0, 20)[0] == 0.0 and wilson_interval(20, 20)[1] == pytest.approx(1.0)
+
+
+def test_answers_are_scored_on_outcome_and_rule_label():
+    from localist.model.evaluate import answer_scores, majority_baseline, rulebook_cases
+
+    cases = rulebook_cases("test", 4)
+    ruled = next(c for c in cases if c.target)
+    no_rule = next(c for c in cases if not c.target)
+    assert answer_scores(ruled, ruled.answer + "<junk>") == {"joint": True, "outcome": True, "abstention": True}
+    wrong_rule = answer_scores(ruled, f"Outcome: {ruled.outcome}. Rule: {ruled.target}9.")
+    assert wrong_rule == {"joint": False, "outcome": True, "abstention": True}
+    assert answer_scores(no_rule, ruled.answer) == {"joint": False, "outcome": False, "abstention": False}
+    assert answer_scores(no_rule, "Outcome: no rule applies.")["joint"]
+    assert majority_baseline(cases) == 0.25  # four classes a rulebook, one question each
+
+
+def test_the_faithfulness_probe_removes_the_target_rule():
+    from localist.model.evaluate import rulebook_cases
+    from localist.model.rulebooks import NO_RULE
+
+    originals = [c for c in rulebook_cases("test", 8) if c.target]
+    probes = rulebook_cases("test-target-removed", 8)
+    assert len(probes) == len(originals)
+    for original, probe in zip(originals, probes):
+        assert [r.label for r in probe.rules] == [r.label for r in original.rules if r.label != original.target]
+        assert (probe.outcome, probe.target, probe.answer) == (NO_RULE, None, "Outcome: no rule applies.")
+
+
+def test_a_table_row_aggregates_over_cases():
+    from localist.model.evaluate import rulebook_row
+
+    common = dict(candidate_mass=0.5, entropy_nats=1.0, block_entropy_nats=0.5)
+    results = [
+        dict(joint=True, outcome=True, abstention=True, has_target=True, pointer_fidelity=0.9, wrong_block_share=0.0,
+             rho_star_median=0.5, **common),
+        dict(joint=False, outcome=True, abstention=True, has_target=True, pointer_fidelity=None, wrong_block_share=1.0,
+             rho_star_median=None, **common),
+        dict(joint=True, outcome=True, abstention=True, has_target=False, pointer_fidelity=None, wrong_block_share=None,
+             rho_star_median=None, **common),
+    ]
+    row = rulebook_row(0.9, results)
+    assert row["joint_accuracy"] == pytest.approx(2 / 3) and row["pointer_fidelity"] == 0.9
+    assert row["fidelity_null_rate"] == 0.5 and row["wrong_block_share"] == 0.5 and row["rho_star_median"] == 0.5
