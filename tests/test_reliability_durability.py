@@ -1,4 +1,4 @@
-"""Durability against a real server of its own (SQLite; PostgreSQL with ``LOCALIST_TEST_DB=postgresql``):
+"""Durability against a real server of its own, on SQLite and PostgreSQL (tests/pg.py):
 ``kill -9`` under load, restart, and every acknowledged response has its audit record and the chain
 verifies; records edited, reordered or deleted in the database are named by `verify`; a backup restores
 and verifies; after a signing-key rotation the old checkpoints still verify with the old public key.
@@ -126,11 +126,15 @@ async def _load_until_killed(dep: Deployment, proc) -> tuple[list[str], int]:
     return acked, sent
 
 
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory):
-    root = tmp_path_factory.mktemp("durability")
+# PostgreSQL runs under `make reliability` (or with LOCALIST_TEST_DB=postgresql); SQLite always.
+BACKENDS = ["sqlite", "postgresql"] if FULL or os.environ.get("LOCALIST_TEST_DB") == "postgresql" else ["sqlite"]
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def deployment(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(f"durability-{request.param}")
     with contextlib.ExitStack() as stack:
-        if os.environ.get("LOCALIST_TEST_DB") == "postgresql":
+        if request.param == "postgresql":
             from pg import fresh_database, postgres_server
 
             db_url = fresh_database(stack.enter_context(postgres_server()))
