@@ -25,7 +25,8 @@ from localist.server.auth import Principal
 from localist.server.engine import Engine, EngineRequest, Generated
 from localist.server.exceptions import ClientDisconnected, Conflict, GenerationFailed
 from localist.server.observability import Prometheus
-from localist.server.planning import Plan, plan, plan_replay
+from localist.server import planning
+from localist.server.planning import Plan
 
 log = logging.getLogger("localist.server")
 
@@ -81,16 +82,16 @@ class GenerationService:
 
     def plan(self, req: C.ChatCompletionRequest | C.CompletionRequest, endpoint: str) -> Plan:
         """The request checked and planned; then the engine must be serving (503 otherwise)."""
-        planned = plan(self.engine, req, endpoint, self.default_rho, self.max_blocks)
+        plan = planning.plan(self.engine, req, endpoint, self.default_rho, self.max_blocks)
         self.engine.ensure_serving()
-        return planned
+        return plan
 
     def plan_replay(self, record: C.AuditRecord) -> Plan:
         """A stored request planned again, exactly; only request records replay."""
         if record.kind != "request":
             raise Conflict(f"record {record.id!r} is a {record.kind} record, not a request", "id", "not_replayable")
         self.engine.ensure_serving()  # while the engine restarts: 503 + Retry-After, nothing stored
-        return plan_replay(self.engine, record)
+        return planning.plan_replay(self.engine, record)
 
     # -- running --------------------------------------------------------------------------------
 
@@ -143,10 +144,10 @@ class GenerationService:
         for choice in run.choices:
             await choice.stats.pull(self.engine)
             choices.append(await asyncio.to_thread(self._metrics, run, choice))
-        plan_ = run.plan
-        run.result = C.LocalistResult(audit_id=plan_.request_id, audit=plan_.req.audit,
-                                      locality=C.Dial(rho=plan_.rho, preset=plan_.preset),
-                                      blocks=wire.block_infos(plan_.table), choices=choices)
+        plan = run.plan
+        run.result = C.LocalistResult(audit_id=plan.request_id, audit=plan.req.audit,
+                                      locality=C.Dial(rho=plan.rho, preset=plan.preset),
+                                      blocks=wire.block_infos(plan.table), choices=choices)
 
     async def _release_stats(self, run: Run) -> None:
         """Free the workers' statistics of every choice (also after an abort or a failure: one choice's
@@ -186,13 +187,13 @@ class GenerationService:
 
     def _record(self, run: Run, status: str, error: str | None) -> dict:
         """The audit record (its parts are the contract's ``Record*`` classes)."""
-        plan_, req, engine = run.plan, run.plan.req, self.engine
+        plan, req, engine = run.plan, run.plan.req, self.engine
         first = run.choices[0].request.sampling
         result = run.result
         request = C.RecordRequest(
-            model=engine.name, weights_hash=engine.weights_sha256, endpoint=plan_.endpoint,
-            http_request_id=run.http_request_id, replay_of=plan_.replay_of, key_id=run.caller.key_id,
-            rho=plan_.rho, preset=plan_.preset, blocks=wire.block_infos(plan_.table), target_block=plan_.target,
+            model=engine.name, weights_hash=engine.weights_sha256, endpoint=plan.endpoint,
+            http_request_id=run.http_request_id, replay_of=plan.replay_of, key_id=run.caller.key_id,
+            rho=plan.rho, preset=plan.preset, blocks=wire.block_infos(plan.table), target_block=plan.target,
             audit=req.audit,
             params=C.RecordSampling(
                 n=req.n, temperature=first.temperature, top_p=first.top_p, seed=req.seed, max_tokens=first.max_tokens,
@@ -202,22 +203,22 @@ class GenerationService:
         output = C.RecordOutput(
             choices=[C.RecordChoice(index=c.index, text=c.output.text, token_ids=c.output.token_ids,
                                     finish_reason=c.output.finish_reason) for c in run.choices],
-            usage=wire.usage(len(plan_.prompt_token_ids), run.outputs))
+            usage=wire.usage(len(plan.prompt_token_ids), run.outputs))
         metrics = C.RecordMetrics(fidelity=result.choices[0].pointer_fidelity if result and result.choices else None,
                                   localist=result)
-        timestamps = C.RecordTimestamps(received=plan_.received, first_token=run.first_token_at, finished=time.time())
+        timestamps = C.RecordTimestamps(received=plan.received, first_token=run.first_token_at, finished=time.time())
         replay = C.RecordReplay(
-            prompt_token_ids=plan_.prompt_token_ids, block_spans=plan_.table.to_wire(), seed=req.seed,
+            prompt_token_ids=plan.prompt_token_ids, block_spans=plan.table.to_wire(), seed=req.seed,
             choice_seeds=[c.request.sampling.seed for c in run.choices],
             engine_request_ids=[c.request.engine_id for c in run.choices],
             sampling_params=[C.ReplaySampling(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
                                               stop=s.stop, seed=s.seed)
                              for s in (c.request.sampling for c in run.choices)],
-            localist_params=[c.request.localist_json for c in run.choices], cache_salt=plan_.cache_salt,
+            localist_params=[c.request.localist_json for c in run.choices], cache_salt=plan.cache_salt,
             tokenizer_hash=engine.fingerprint["tokenizer_sha256"],
             chat_template_hash=engine.fingerprint["chat_template_sha256"], versions=engine.versions)
         parts = {"request": request, "output": output, "metrics": metrics, "timestamps": timestamps, "replay": replay}
-        return {"id": plan_.request_id, "tenant": run.caller.tenant, "status": status, "error": error,
+        return {"id": plan.request_id, "tenant": run.caller.tenant, "status": status, "error": error,
                 **{name: part.model_dump(mode="json") for name, part in parts.items()}}
 
     async def _store(self, run: Run, status: str, error: str | None = None) -> None:
@@ -228,12 +229,12 @@ class GenerationService:
             return
         run.stored_as = status
         await self.store.arecord(self._record(run, status, error))
-        plan_, p = run.plan, self.prometheus
-        p.requests.labels(plan_.endpoint, status).inc()
-        p.tokens.labels("prompt").inc(len(plan_.prompt_token_ids))
+        plan, p = run.plan, self.prometheus
+        p.requests.labels(plan.endpoint, status).inc()
+        p.tokens.labels("prompt").inc(len(plan.prompt_token_ids))
         p.tokens.labels("completion").inc(sum(len(o.token_ids) for o in run.outputs))
-        p.latency.labels(plan_.endpoint).observe(time.time() - plan_.received)
-        p.dial.observe(sum(plan_.rho) / len(plan_.rho))
+        p.latency.labels(plan.endpoint).observe(time.time() - plan.received)
+        p.dial.observe(sum(plan.rho) / len(plan.rho))
         if run.result is not None and run.result.choices and run.result.choices[0].pointer_fidelity is not None:
             p.fidelity.observe(run.result.choices[0].pointer_fidelity)
 
@@ -268,8 +269,8 @@ class GenerationService:
 
     # -- the two ways to answer -------------------------------------------------------------------
 
-    def start(self, plan_: Plan, caller: Principal, http_request_id: str | None) -> Run:
-        return Run(plan_, caller, http_request_id)
+    def start(self, plan: Plan, caller: Principal, http_request_id: str | None) -> Run:
+        return Run(plan, caller, http_request_id)
 
     async def _generate_all(self, run: Run) -> None:
         async with contextlib.aclosing(self._merged(run)) as steps:
