@@ -128,6 +128,16 @@ def _eval_rulebooks(args: argparse.Namespace) -> int:
             print(format_rulebook_table(Path(args.model).name, rows, entry["majority_baseline"]))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    if args.check:
+        from localist.model.evaluate import compare_rulebook_tables
+
+        name, _, stored_path = args.check.partition("=")
+        stored = json.loads(Path(stored_path).read_text())["tables"][name]
+        problems = compare_rulebook_tables(stored, {k: v["tables"] for k, v in result["cases"].items()}, args.tolerance)
+        for p in problems:
+            print("MISMATCH", p)
+        print("reproduced within ±%g" % args.tolerance if not problems else f"{len(problems)} numbers differ")
+        return 1 if problems else 0
     return 0
 
 
@@ -173,4 +183,6 @@ def add_commands(subparsers) -> None:
     rb.add_argument("--stop-token-ids", default="", help="extra token ids that end an answer (comma-separated)")
     rb.add_argument("--out", help="write the tables as JSON here")
     rb.add_argument("--responses", help="append every response (answer, scores, metrics) here as JSON lines")
+    rb.add_argument("--check", help="NAME=EVAL_JSON: compare with the stored tables of model NAME in a card's eval.json")
+    rb.add_argument("--tolerance", type=float, default=0.02)
     rb.set_defaults(func=_eval_rulebooks)

@@ -312,6 +312,25 @@ def evaluate_rulebooks(model_dir: str | Path, case_sets: dict[str, Sequence], rh
     return tables
 
 
+def compare_rulebook_tables(expected: dict, actual: dict, tolerance: float = 0.02) -> list[str]:
+    """Every stored number (``{cases: {scope: rows}}``) the re-measured tables miss by more than
+    ``tolerance``, for the (cases, scope, ρ) both hold."""
+    problems = []
+    for cases, scopes in actual.items():
+        for scope, rows in scopes.items():
+            stored = {r["rho"]: r for r in expected.get(cases, {}).get(scope, [])}
+            for got in rows:
+                want = stored.get(got["rho"])
+                if want is None:
+                    problems.append(f"{cases} {scope} rho={got['rho']}: not in the stored table")
+                    continue
+                for k in RULEBOOK_COLUMNS:
+                    a, b = want.get(k), got.get(k)
+                    if (a is None) != (b is None) or (a is not None and abs(a - b) > tolerance):
+                        problems.append(f"{cases} {scope} rho={got['rho']} {k}: stored {a}, measured {b}")
+    return problems
+
+
 def format_rulebook_table(name: str, rows: Sequence[dict], baseline: float) -> str:
     """Markdown rows of one model's table at one scope."""
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731

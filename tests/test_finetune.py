@@ -176,3 +176,14 @@ def test_a_table_row_aggregates_over_cases():
     row = rulebook_row(0.9, results)
     assert row["joint_accuracy"] == pytest.approx(2 / 3) and row["pointer_fidelity"] == 0.9
     assert row["fidelity_null_rate"] == 0.5 and row["wrong_block_share"] == 0.5 and row["rho_star_median"] == 0.5
+
+
+def test_a_re_measured_table_is_compared_number_by_number():
+    from localist.model.evaluate import RULEBOOK_COLUMNS, compare_rulebook_tables
+
+    row = {"rho": 0.9, **{k: 0.5 for k in RULEBOOK_COLUMNS}}
+    stored = {"test": {"all": [row]}}
+    assert compare_rulebook_tables(stored, {"test": {"all": [dict(row, joint_accuracy=0.515)]}}) == []
+    problems = compare_rulebook_tables(stored, {"test": {"all": [dict(row, joint_accuracy=0.53, wrong_block_share=None)]}})
+    assert len(problems) == 2 and "joint_accuracy" in problems[0]
+    assert compare_rulebook_tables(stored, {"test": {"evidence": [row]}}) == ["test evidence rho=0.9: not in the stored table"]
