@@ -40,6 +40,15 @@ for l in sys.stdin:
   tar czf "$OUT/$1.tgz" -C /tmp/runs "$1"
 }
 
+peft_check() {  # base adapter: PEFT reads the adapter and merges it to what merge_adapter writes
+  python3 -c "import torch; from peft import PeftModel; from transformers import AutoModelForCausalLM
+from localist.model.finetune import merge_adapter
+merged = AutoModelForCausalLM.from_pretrained(str(merge_adapter('$1', '$2', '/tmp/merged')))
+peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained('$1'), '$2').merge_and_unload()
+ids = torch.randint(0, 49152, (1, 64)); a, b = merged(ids).logits, peft(ids).logits
+print('PEFT loads the adapter; max |merged - PEFT| logits', float((a - b).abs().max()))" 2>&1 | tail -1
+}
+
 case $mode in
 piece)
   cp ".carry/gguf.part$1" /tmp/gguf/ && ls -la /tmp/gguf
@@ -56,12 +65,7 @@ AutoTokenizer.from_pretrained('.carry/smol').save_pretrained('/tmp/randbase')" |
   for kw in "$@"; do name=bench${#names[@]}; names+=("$name"); launch "$LIMIT" /tmp/randbase "$name" "$kw"; done
   wait
   for name in "${names[@]}"; do tail -3 "/tmp/runs/$name/train_log.jsonl" | cut -c1-400; tail -1 "/tmp/$name.log"; done
-  python3 -c "import torch; from peft import PeftModel; from transformers import AutoModelForCausalLM
-from localist.model.finetune import merge_adapter
-merged = AutoModelForCausalLM.from_pretrained(str(merge_adapter('/tmp/randbase', '/tmp/runs/bench0', '/tmp/merged')))
-peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained('/tmp/randbase'), '/tmp/runs/bench0').merge_and_unload()
-ids = torch.randint(0, 49152, (1, 64)); a, b = merged(ids).logits, peft(ids).logits
-print('PEFT loads the adapter; max |merged - PEFT| logits', float((a - b).abs().max()))"
+  peft_check /tmp/randbase /tmp/runs/bench0
   ;;
 train)
   LIMIT=$1; shift
@@ -74,6 +78,7 @@ train)
   while [ $# -ge 2 ]; do names+=("$1"); launch "$LIMIT" /tmp/base "$1" "$2"; shift 2; done
   wait
   for name in "${names[@]}"; do collect "$name"; done
+  peft_check /tmp/base "/tmp/runs/${names[0]}"
   ;;
 esac
 ls -la "$OUT"
