@@ -231,6 +231,10 @@ class RulebookEngine:
                                        seed=0))
         self.num_layers = self.llm.llm_engine.model_config.hf_config.num_hidden_layers
 
+    def close(self) -> None:
+        """Stop the engine's core process (dropping the LLM object alone can leave it running)."""
+        self.llm.llm_engine.engine_core.shutdown()
+
     def run(self, cases: Sequence, rho: float, scope: str = "all") -> list[dict]:
         """Per case: the answer, its scores and the response's metrics against the ground-truth target."""
         from vllm import SamplingParams
@@ -308,7 +312,7 @@ def evaluate_rulebooks(model_dir: str | Path, case_sets: dict[str, Sequence], rh
                                                     "rho": rho, **r}) + "\n")
                 tables.setdefault(set_name, {})[scope] = rows
     finally:
-        del engine
+        engine.close()
     return tables
 
 
