@@ -298,6 +298,7 @@ class Encoded:
     target_block: int
     lookup: int = -1  # answer token holding the cited id's first digit: the one that needs the lookup
     copies: list[tuple[int, int]] = field(default_factory=list)  # (answer token, its source in the prompt)
+    pointing: list[int] = field(default_factory=list)  # answer tokens whose prediction must find the target block
 
     @property
     def input_ids(self) -> list[int]:

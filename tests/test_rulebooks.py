@@ -207,12 +207,15 @@ def test_parser_reads_the_format_back(outcome, label):
     ("Outcome: refer. Rule: [KYC-2].", ("refer", "KYC-2")),
     ("Outcome:decline.Rule:LEND-7", ("decline", "LEND-7")),
     ("Outcome: no rule applies. Rule: R2.", (NO_RULE, None)),  # a no-rule answer names no rule
+    ("Rule: R2. Outcome: no rule applies.", (NO_RULE, None)),
     ("Outcome: refer.", ("refer", None)),
+    ("Rule: none. Outcome: refer.", ("refer", None)),  # "none" is no label
     ("Outcome: needs approval. Rule: P-3.", ("needs approval", "P-3")),
     ("", (None, None)),
+    ("Rule: R2.", (None, None)),  # no outcome, no answer
     ("The outcome is refer under R2.", (None, None)),
     ("Outcome refer, Rule R2", (None, None)),
-    ("Rule: R2. Outcome: refer.", ("refer", None)),  # the label comes after the outcome
+    ("Rule: R2. Outcome: refer. Rule: R3.", ("refer", "R2")),  # the first label counts
 ])
 def test_parser_on_malformed_and_variant_answers(text, parsed):
     assert parse_answer(text) == parsed
@@ -223,6 +226,13 @@ def test_format_rejects_inconsistent_answers():
         format_answer(NO_RULE, "R1")
     with pytest.raises(ValueError):
         format_answer("refer", None)
+    with pytest.raises(ValueError):
+        format_answer("refer", "none")
+
+
+def test_the_answer_names_the_rule_before_its_outcome():
+    assert format_answer("refer", "KYC-2") == "Rule: KYC-2. Outcome: refer."
+    assert format_answer(NO_RULE, None) == "Rule: none. Outcome: no rule applies."
 
 
 # ------------------------------------------------------------------ rendering
@@ -266,6 +276,12 @@ def test_block_table_and_encoding_for_training(generated, cases, tok):
             block = table.blocks[enc.target_block]
             for k, source in enc.copies:
                 assert block.start <= source < block.end and table.token_ids[source] == enc.answer_ids[k]
+            # the tokens that need the rule: the answer up to the end of the label, and the outcome's first
+            *upto_label, outcome = enc.pointing
+            assert upto_label == list(range(len(upto_label)))
+            assert tok.decode(enc.answer_ids[: len(upto_label)]) == f"Rule: {ex.target}"
+            first_of_outcome = tok.decode(enc.answer_ids[outcome])
+            assert first_of_outcome.startswith(" ") and ex.outcome.startswith(first_of_outcome.strip())
 
 
 # ------------------------------------------------------------------ hand-written cases

@@ -1,18 +1,22 @@
 """The one answer format of the rulebook task, and its parser.
 
-An answer states the outcome and names the rule it rests on — ``Outcome: refer. Rule: KYC-2.`` —
-or says that no rule covers the case — ``Outcome: no rule applies.``
+An answer first names the rule it rests on, then states that rule's outcome — ``Rule: KYC-2.
+Outcome: refer.`` — or says that no rule covers the case — ``Rule: none. Outcome: no rule applies.``
+The rule comes first because finding it is the decision: the outcome then reads off the rule just
+named, and the queries that write the label are the ones that must point at the rule (training's
+pointer term, model/finetune.py).
 """
 from __future__ import annotations
 
 import re
 
 NO_RULE = "no rule applies"
+NO_LABEL = "none"  # the label an answer names when no rule applies
 
 SYSTEM = (
     "You are a compliance assistant. Decide the case in the question using only the labelled rules "
-    "given. Answer in one line: \"Outcome: <outcome>. Rule: <rule label>.\", where the outcome is one "
-    "of the possible outcomes listed. If no rule covers the case, answer \"Outcome: no rule applies.\""
+    "given. Answer in one line: \"Rule: <rule label>. Outcome: <outcome>.\", where the outcome is one "
+    "of the possible outcomes listed. If no rule covers the case, answer \"Rule: none. Outcome: no rule applies.\""
 )
 
 # A label: letters and digits, optionally joined by "-" or "." ("R3", "KYC-2", "HR-4.1"); a full
@@ -31,18 +35,18 @@ def format_answer(outcome: str, label: str | None) -> str:
     if outcome == NO_RULE:
         if label is not None:
             raise ValueError(f"an answer that no rule applies names no rule, got {label!r}")
-        return f"Outcome: {NO_RULE}."
-    if not label:
+        return f"Rule: {NO_LABEL}. Outcome: {NO_RULE}."
+    if not label or label.lower() == NO_LABEL:
         raise ValueError(f"outcome {outcome!r} needs the label of the rule it rests on")
-    return f"Outcome: {outcome}. Rule: {label}."
+    return f"Rule: {label}. Outcome: {outcome}."
 
 
 def parse_answer(text: str) -> tuple[str | None, str | None]:
     """(outcome, rule label) from an answer; anything after the answer is ignored.
 
     The outcome is lower-cased (``NO_RULE`` when the answer says no rule applies); an answer without
-    an ``Outcome:`` gives (None, None). The label is looked for only after the outcome, and never
-    for a no-rule answer.
+    an ``Outcome:`` gives (None, None). The label is the first ``Rule:`` of the text, before or
+    after the outcome; ``Rule: none`` and a no-rule answer name no rule.
     """
     found = _OUTCOME.search(text)
     if found is None:
@@ -50,5 +54,6 @@ def parse_answer(text: str) -> tuple[str | None, str | None]:
     outcome = found.group(1).lower()
     if outcome == NO_RULE:
         return NO_RULE, None
-    rule = _RULE.search(text, found.end())
-    return outcome, rule.group(1) if rule else None
+    rule = _RULE.search(text)
+    label = rule.group(1) if rule else None
+    return outcome, None if label is None or label.lower() == NO_LABEL else label

@@ -67,6 +67,9 @@ def encode(example: Example, tokenizer) -> Encoded:
     ``target_block`` is -1 when no rule applies (the answer rests on no block). ``lookup`` is the
     answer token holding the cited label's first character; ``copies`` pair each answer token of
     the label with the same token in the target rule's anchor, where the tokenizer produced one.
+    ``pointing`` are the answer tokens that cannot be written without finding the target rule:
+    every token up to the label's last (their queries have not yet seen the label they are to
+    write, so matching it is no shortcut) and the outcome's first.
     """
     table = block_table(example, tokenizer)
     answer = example.answer
@@ -86,4 +89,7 @@ def encode(example: Example, tokenizer) -> Encoded:
         if source is not None:
             copies.append((k, block.start + source))
             after = source
-    return Encoded(table, ids + [tokenizer.eos_token_id], target, label_tokens[0], copies)
+    outcome_at = answer.rindex(example.outcome)
+    outcome_token = next(k for k, (a, b) in enumerate(offsets) if a <= outcome_at < b)
+    pointing = [*range(label_tokens[-1] + 1), outcome_token]
+    return Encoded(table, ids + [tokenizer.eos_token_id], target, label_tokens[0], copies, pointing)
