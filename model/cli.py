@@ -48,7 +48,8 @@ def _merge(args: argparse.Namespace) -> int:
     import tempfile
     from pathlib import Path
 
-    from localist.model.finetune import base_folder, merge_adapter, merged_model_dir
+    from localist.model.default_model import merged_model_dir
+    from localist.model.finetune import base_folder, merge_adapter
 
     if args.out:
         with tempfile.TemporaryDirectory() as work:  # a GGUF base is converted here, then dropped

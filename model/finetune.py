@@ -12,7 +12,7 @@ NLL and the penalty, never in a pointer term.
 
 The adapter is written in PEFT's file layout (``adapter_config.json``, ``adapter_model.safetensors``)
 so that PEFT can load it, but nothing here needs PEFT: serving merges it once into the base
-(:func:`merged_model_dir`), W ← W + (α/r)·B·A, and serves a plain float32 checkpoint. This module
+(``localist.model.default_model.merged_model_dir``), W ← W + (α/r)·B·A, and serves a plain float32 checkpoint. This module
 never imports the server (the GPU image has neither pydantic nor vLLM).
 """
 from __future__ import annotations
@@ -154,22 +154,6 @@ def merge_adapter(base_dir: str | Path, adapter: str | Path, out_dir: str | Path
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
-
-
-def merged_model_dir(gguf: str | Path, adapter: str | Path, home: str | Path) -> Path:
-    """``home/models/<GGUF sha256[:16]>-<adapter sha256[:16]>-float32``, merged on first use only.
-
-    Keyed by both files' hashes, not by the merged weights: merged float32 weights round
-    differently on different CPUs, the inputs do not.
-    """
-    gguf, adapter = Path(gguf), Path(adapter)
-    key = f"{file_sha256(gguf)[:16]}-{file_sha256(adapter / ADAPTER_WEIGHTS)[:16]}-float32"
-    out = Path(home) / "models" / key
-    if not (out / "config.json").exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-            merge_adapter(import_gguf(gguf, Path(tmp) / "base", "float32"), adapter, out)
-    return out
 
 
 def base_folder(base: str | Path, work: Path) -> Path:
@@ -346,4 +330,4 @@ def finetune(cfg: FinetuneConfig) -> Path:
 
 
 __all__ = ["FinetuneConfig", "Finetuner", "LoRALinear", "add_lora", "adapter_deltas", "finetune", "merge_adapter",
-           "merged_model_dir", "save_adapter", "with_dial_scope"]
+           "save_adapter", "with_dial_scope"]

