@@ -107,3 +107,32 @@ auth_state = sa.Table(
     sa.Column("id", sa.Integer(), primary_key=True, autoincrement=False),
     sa.Column("first_key_us", sa.BigInteger(), nullable=True),
 )
+
+# Rules and rulebooks (server/store/rules.py): one label space per tenant; versions are never updated.
+rules = sa.Table(
+    "rules",
+    metadata,
+    sa.Column("rule_id", sa.String(32), primary_key=True),
+    sa.Column("tenant", sa.String(128), nullable=False),
+    sa.Column("label", sa.String(128), nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("created_us", sa.BigInteger(), nullable=False),
+    sa.Column("created_by", sa.String(64), nullable=True),
+    sa.Column("retired_us", sa.BigInteger(), nullable=True),
+    sa.Column("retired_by", sa.String(64), nullable=True),
+    sa.UniqueConstraint("tenant", "label", name="uq_rules_tenant_label"),
+)
+
+rule_versions = sa.Table(
+    "rule_versions",
+    metadata,
+    sa.Column("rule_id", sa.String(32), sa.ForeignKey("rules.rule_id"), primary_key=True),
+    sa.Column("version", sa.Integer(), primary_key=True, autoincrement=False),
+    sa.Column("created_us", sa.BigInteger(), nullable=False),
+    sa.Column("created_by", sa.String(64), nullable=True),
+    sa.Column("sha256", sa.String(64), nullable=False),
+    sa.Column("text", sa.Text(), nullable=True),
+    sa.Column("anchor", sa.String(256), nullable=True),
+    sa.Column("members", sa.Text(), nullable=True),  # a rulebook's pinned rule versions (JSON)
+    sa.Column("probe", sa.Text(), nullable=True),  # a rulebook's anchor probe (JSON)
+)
