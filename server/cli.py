@@ -114,8 +114,8 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"{banner}\n  {exc}.\n  Serving an UNTRAINED, RANDOM stand-in generated at {model_dir}.\n"
                   f"  Its outputs are noise; the API, metrics and audit work as with a real model.\n{banner}",
                   file=sys.stderr, flush=True)
-    default_name = STAND_IN_NAME if stand_in else DEFAULT_MODEL_NAME
-    name = args.name or (Path(args.model).stem if gguf else model_dir.name if args.model else default_name)
+    name = args.name or (Path(args.model).stem if gguf else model_dir.name if args.model
+                         else STAND_IN_NAME if stand_in else DEFAULT_MODEL_NAME)  # imported only without --model
     signing_key = None if args.no_signing else Path(args.signing_key or data_dir() / "signing-key.pem")
     base = f"http://{args.host}:{args.port}"
     auth = ("none while the audit store has never held a key (local dev mode: the log says whether it is on); "
