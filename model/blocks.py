@@ -18,6 +18,7 @@ MAX_BLOCKS = 64
 EVIDENCE_KINDS = frozenset({"rule", "document"})
 AUDIT_LEVELS = ("summary", "per_token", "per_layer")
 PRESETS = {"distributed": 0.0, "balanced": 0.5, "localist": 0.9}
+DIAL_SCOPES = ("all", "evidence")  # docs/theory.md §2 "Dial scope"
 
 
 class BlockError(ValueError):
@@ -123,6 +124,16 @@ class BlockTable:
             pos = b.end
         if pos != num_tokens:
             raise BlockError("blocks", f"blocks cover {pos} tokens but the prompt has {num_tokens}")
+
+
+def with_dial_scope(table: BlockTable, scope: str) -> BlockTable:
+    """The table as the dial sees it (docs/theory.md §2 "Dial scope"): ``all`` as built; ``evidence`` pins
+    every block that is not a candidate, so the dial only reshuffles the candidates' base mass."""
+    if scope not in DIAL_SCOPES:
+        raise BlockError("dial_scope", f"must be one of {', '.join(DIAL_SCOPES)}, got {scope!r}")
+    if scope == "all":
+        return table
+    return BlockTable([b if b.candidate else replace(b, pinned=True) for b in table.blocks], table.token_ids)
 
 
 def _tokenize(tokenizer, text: str) -> list[int]:

@@ -157,7 +157,7 @@ RULEBOOK_COLUMNS = (
     "pointer_fidelity", "fidelity_null_rate", "candidate_mass", "entropy_nats", "block_entropy_nats",
     "wrong_block_share", "rho_star_median",
 )
-RULEBOOK_MAX_TOKENS = 24  # "Outcome: investigate. Rule: KYC-12." is 12 tokens with SmolLM2's tokenizer
+RULEBOOK_MAX_TOKENS = 24  # "Rule: KYC-12. Outcome: investigate." is 12 tokens with SmolLM2's tokenizer
 
 
 REMOVED = "-target-removed"  # suffix of a case set: the cases with a target rule, that rule taken out
@@ -239,8 +239,7 @@ class RulebookEngine:
         """Per case: the answer, its scores and the response's metrics against the ground-truth target."""
         from vllm import SamplingParams
 
-        from localist.model.blocks import LocalistParams
-        from localist.model.finetune import with_dial_scope
+        from localist.model.blocks import LocalistParams, with_dial_scope
         from localist.model.rulebooks import block_table
         from localist.model.vllm_engine import cache_salt, fetch_stats_sync
 

@@ -4,11 +4,15 @@ The base (a GGUF file, dequantized to float32, or a Hugging Face folder) stays f
 adapters on its attention and MLP projections learn the rulebook task (``localist.model.rulebooks``)
 with the loss of docs/theory.md §5 restricted to what a pretrained model needs:
 
-    answer NLL + μ · H̄(q^ρ) + ν · (1 − F_answer) [+ τ · readout miss],
+    answer NLL + μ · H̄(q^ρ) + ν · (1 − F_pointing),
 
-ρ drawn per sequence in the dial scope the model will be served with (docs/theory.md §2 "Dial
-scope"). Examples whose answer is that no rule applies have no target block: they count in the
-NLL and the penalty, never in a pointer term.
+H̄ over the answer queries, F (pointer fidelity against the ground-truth rule) over the *pointing*
+queries: those that write the answer up to the end of the rule's label, before the label exists to
+be matched, and the outcome word (``Encoded.pointing``). ρ is drawn per sequence in the dial scope
+the model will be served with (docs/theory.md §2 "Dial scope"). Examples whose answer is that no
+rule applies have no target block: they count in the NLL and the penalty, never in a pointer term.
+The attention is ``model/finetune_attention.py``'s: the reference computation where the dial
+changes the output, the stock fused kernel where it does not, statistics at the answer only.
 
 The adapter is written in PEFT's file layout (``adapter_config.json``, ``adapter_model.safetensors``)
 so that PEFT can load it, but nothing here needs PEFT: serving merges it once into the base
@@ -23,7 +27,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -32,16 +36,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from localist.model.blocks import BlockTable
+from localist.model.blocks import with_dial_scope
 from localist.model.data import Encoded
+from localist.model.finetune_attention import TRAIN_ATTENTION, TrainAttention, answer_terms, pointer_loss
+from localist.model.finetune_attention import register as register_training_attention
 from localist.model.gguf_import import PROVENANCE_FILE, file_sha256, import_gguf
 from localist.model.reference import load_localist_model
 from localist.model.rulebooks import encode, examples
-from localist.model.train import (
-    Batch, candidate_entropy, collate, forward, lr_at, mu_at, off_target_share, pointer_at, query_fidelity,
-    readout_miss, sample_rho,
-)
-from localist.model.train_config import DIAL_SCOPES, FinetuneConfig
+from localist.model.train import Batch, collate, lr_at, mu_at, ramp, sample_rho
+from localist.model.train_config import FinetuneConfig
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -168,15 +171,6 @@ def base_folder(base: str | Path, work: Path) -> Path:
 
 
 # -- data -------------------------------------------------------------------------------------------
-def with_dial_scope(table: BlockTable, scope: str) -> BlockTable:
-    """The table as the dial sees it: ``all`` as built; ``evidence`` pins every block that is not a candidate."""
-    if scope not in DIAL_SCOPES:
-        raise ValueError(f"dial_scope: must be one of {DIAL_SCOPES}, got {scope!r}")
-    if scope == "all":
-        return table
-    return BlockTable([b if b.candidate else replace(b, pinned=True) for b in table.blocks], table.token_ids)
-
-
 def encode_scoped(example, tokenizer, scope: str) -> Encoded:
     enc = encode(example, tokenizer)
     return replace(enc, table=with_dial_scope(enc.table, scope))
@@ -195,15 +189,27 @@ class RulebookBatches(torch.utils.data.Dataset):
         cfg = self.cfg
         exs = examples(cfg.seed, "train", cfg.batch_size, start=(self.start + i) * cfg.batch_size)
         encoded = [encode_scoped(e, self.tokenizer, cfg.dial_scope) for e in exs]
-        return collate(encoded, self.tokenizer.pad_token_id, cfg.prompt_weight)
+        return collate(encoded, self.tokenizer.pad_token_id, 0.0)  # the answer is learnt, the prompt is the base's
 
 
-def pointer_batch(batch: Batch) -> tuple[Batch, torch.Tensor]:
-    """(batch with a valid target index in every row, answer queries of the rows that have a target).
+@dataclass
+class AnswerQueries:
+    """The queries the loss reads, gathered per row: ``index`` [B, Q] positions that predict an answer
+    token (unused slots repeat the first), ``answer`` [B, Q] which slots are real, ``pointing`` [B, Q]
+    which of them must find the target rule (``Encoded.pointing``; none in a no-rule row)."""
 
-    A no-rule example (target −1) gets block 0 as a placeholder; its queries are masked out."""
-    has_target = batch.target >= 0
-    return replace(batch, target=batch.target.clamp(min=0)), batch.answer & has_target[:, None]
+    index: torch.Tensor
+    answer: torch.Tensor
+    pointing: torch.Tensor
+
+
+def answer_queries(batch: Batch) -> AnswerQueries:
+    counts = batch.answer.sum(1)
+    order = torch.argsort((~batch.answer).to(torch.int8), dim=1, stable=True)[:, : int(counts.max())]
+    real = torch.arange(order.shape[1], device=order.device)[None, :] < counts[:, None]
+    index = torch.where(real, order, order[:, :1])
+    pointing = batch.pointing.gather(1, index) & real & (batch.target >= 0)[:, None]
+    return AnswerQueries(index, real, pointing)
 
 
 def align_eos(tokenizer, eos_token_id: int | None) -> None:
@@ -218,6 +224,9 @@ def align_eos(tokenizer, eos_token_id: int | None) -> None:
 
 
 # -- training ---------------------------------------------------------------------------------------
+TRAINER_STATE = "trainer_state.pt"  # adapter, optimizer and step of an unfinished run: a later call resumes it
+
+
 class Finetuner:
     def __init__(self, cfg: FinetuneConfig):
         from transformers import AutoTokenizer
@@ -230,6 +239,8 @@ class Finetuner:
         self.base_dir = base_folder(cfg.base, self.out / "base")
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.base_dir))
         self.model = load_localist_model(self.base_dir).to(cfg.device)
+        register_training_attention()
+        self.model.set_attn_implementation(TRAIN_ATTENTION)
         align_eos(self.tokenizer, self.model.config.eos_token_id)
         if self.tokenizer.pad_token_id is None:  # padding is masked out: any id will do
             self.tokenizer.pad_token_id = self.tokenizer.eos_token_id
@@ -238,6 +249,11 @@ class Finetuner:
         params = [p for lora in self.loras.values() for p in (lora.lora_A, lora.lora_B)]
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
         self.step = 0
+        if (self.out / TRAINER_STATE).exists():
+            state = torch.load(self.out / TRAINER_STATE, map_location=cfg.device)
+            self.model.load_state_dict(state["lora"], strict=False)
+            self.opt.load_state_dict(state["optimizer"])
+            self.step = state["step"]
         self.validation = [encode_scoped(e, self.tokenizer, cfg.dial_scope)
                            for e in examples(cfg.seed, "validation", cfg.eval_examples)]
 
@@ -245,21 +261,34 @@ class Finetuner:
     def trainable_parameters(self) -> int:
         return sum(lora.lora_A.numel() + lora.lora_B.numel() for lora in self.loras.values())
 
+    def answer_forward(self, batch: Batch, rho: torch.Tensor):
+        """(logits [B, Q, V] of the answer queries, the queries, the layers' statistics at them [B, H, Q, G]).
+
+        The vocabulary projection runs on the answer queries only: the prompt is not learnt."""
+        queries = answer_queries(batch)
+        attention = TrainAttention(batch.block_ids, batch.pinned, rho, queries.index)
+        with torch.autocast(batch.input_ids.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
+            hidden = self.model.model(input_ids=batch.input_ids, localist=attention, use_cache=False).last_hidden_state
+            at = hidden.gather(1, queries.index[..., None].expand(-1, -1, hidden.shape[-1]))
+            logits = self.model.lm_head(at).float()
+        stats = [attention.stats[i] for i in range(self.model.config.num_hidden_layers)]
+        return logits, queries, stats
+
     def train_step(self, batch: Batch) -> dict:
         cfg = self.cfg
         self.model.train()
         batch = batch.to(cfg.device)
         rho = sample_rho(cfg, self.step, batch.input_ids.shape[0]).to(cfg.device)
-        logits, stats = forward(self.model, batch, rho)
-        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch.input_ids[:, 1:], reduction="none")
-        loss_nll = (nll * batch.weights).sum() / batch.weights.sum()
-        penalty = candidate_entropy(stats, batch)
-        targeted, queries = pointer_batch(batch)
-        off_target = off_target_share(query_fidelity(stats, targeted), queries)
-        readout = readout_miss(stats, batch)
+        logits, queries, stats = self.answer_forward(batch, rho)
+        labels = batch.input_ids.gather(1, queries.index + 1)
+        nll = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
+        real = queries.answer.float()
+        loss_nll = (nll * real).sum() / real.sum()
+        penalty, on_t, on_c = answer_terms(stats, batch.candidate, batch.target, queries.answer, queries.pointing)
+        off_target = pointer_loss(on_t, on_c, queries.pointing)
         mu = mu_at(cfg, self.step)
-        nu, tau = pointer_at(cfg, self.step)
-        loss = loss_nll + mu * penalty + nu * off_target + tau * readout
+        nu = cfg.pointer_weight * ramp(cfg.pointer_ramp, cfg.steps, self.step)
+        loss = loss_nll + mu * penalty + nu * off_target
         for group in self.opt.param_groups:
             group["lr"] = lr_at(cfg, self.step)
         self.opt.zero_grad(set_to_none=True)
@@ -267,30 +296,37 @@ class Finetuner:
         grad_norm = torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], 1.0)
         self.opt.step()
         self.step += 1
-        answer_nll = (nll * batch.answer).sum() / batch.answer.sum()
-        return {"step": self.step, "loss": loss.item(), "answer_nll": answer_nll.item(), "penalty": penalty.item(),
-                "off_target": off_target.item(), "readout": readout.item(), "mu": mu, "nu": nu, "tau": tau,
+        pointing = queries.pointing.float()
+        return {"step": self.step, "loss": loss.item(), "answer_nll": loss_nll.item(),
+                "pointing_nll": ((nll * pointing).sum() / pointing.sum().clamp(min=1)).item(),
+                "penalty": penalty.item(), "off_target": off_target.item(), "mu": mu, "nu": nu,
                 "rho_mean": rho.mean().item(), "grad_norm": grad_norm.item(), "lr": lr_at(cfg, self.step - 1)}
 
     @torch.no_grad()
     def validate(self, rhos: Sequence[float] = (0.0, 0.9)) -> dict:
-        """Teacher-forced on the validation split: every answer token the argmax, and the answer
-        queries' pointer fidelity against the ground truth (examples with a target rule)."""
+        """Teacher-forced on the validation split. ``exact``: every answer token the argmax, i.e. the
+        greedy answer is right (outcome and rule); ``rule``: the answer tokens up to the label's end the
+        argmax (rows with a target); ``fidelity``: the pointing queries' pointer fidelity against the
+        ground truth."""
         self.model.eval()
         out = {}
         for rho in rhos:
-            exact, on_t, on_c = 0, 0.0, 0.0
+            exact, rule, ruled, on_t_sum, on_c_sum = 0, 0, 0, 0.0, 0.0
             for i in range(0, len(self.validation), 16):
                 batch = collate(self.validation[i:i + 16], self.tokenizer.pad_token_id, 0.0).to(self.cfg.device)
                 rho_t = torch.full((batch.input_ids.shape[0],), rho, device=self.cfg.device)
-                logits, stats = forward(self.model, batch, rho_t)
-                hit = (logits[:, :-1].argmax(-1) == batch.input_ids[:, 1:]) | ~batch.answer
+                logits, queries, stats = self.answer_forward(batch, rho_t)
+                hit = (logits.argmax(-1) == batch.input_ids.gather(1, queries.index + 1)) | ~queries.answer
                 exact += int(hit.all(-1).sum())
-                targeted, queries = pointer_batch(batch)
-                t, c = query_fidelity(stats, targeted)
-                on_t, on_c = on_t + float((t * queries).sum()), on_c + float((c * queries).sum())
+                has_target = batch.target >= 0
+                rule += int(((hit | ~queries.pointing).all(-1) & has_target).sum())
+                ruled += int(has_target.sum())
+                _, on_t, on_c = answer_terms(stats, batch.candidate, batch.target, queries.answer, queries.pointing)
+                on_t_sum += float((on_t * queries.pointing).sum())
+                on_c_sum += float((on_c * queries.pointing).sum())
             out[f"rho={rho}"] = {"exact_match": round(exact / len(self.validation), 4),
-                                 "fidelity": round(on_t / max(on_c, 1e-12), 4)}
+                                 "rule": round(rule / max(ruled, 1), 4),
+                                 "fidelity": round(on_t_sum / max(on_c_sum, 1e-12), 4)}
         return out
 
     def run(self) -> Path:
@@ -301,7 +337,7 @@ class Finetuner:
         loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=cfg.num_workers,
                                              prefetch_factor=4 if cfg.num_workers else None)
         with (self.out / "train_log.jsonl").open("a") as log:
-            log.write(json.dumps({"step": 0, "validation": self.validate()}) + "\n")
+            log.write(json.dumps({"step": self.step, "validation": self.validate()}) + "\n")
             for batch in tqdm(loader, total=end - self.step, disable=not cfg.progress, desc="finetune", unit="step"):
                 rec = self.train_step(batch)
                 rec["elapsed_s"] = round(time.monotonic() - started, 1)
@@ -315,13 +351,19 @@ class Finetuner:
         return self.save()
 
     def save(self) -> Path:
-        """The adapter, and what it was trained on: the base's provenance (a GGUF's sha256) and the settings."""
+        """The adapter, and what it was trained on: the base's provenance (a GGUF's sha256) and the settings;
+        short of the schedule's end, the optimizer too, so that a later run resumes."""
         provenance = self.base_dir / PROVENANCE_FILE
         source = json.loads(provenance.read_text()) if provenance.exists() else {"path": str(self.base_dir)}
         save_adapter(self.loras, self.out, self.cfg.lora_rank, self.cfg.lora_alpha, Path(self.cfg.base).name)
         meta = {"base": source, "training": asdict(self.cfg), "steps_done": self.step,
                 "trainable_parameters": self.trainable_parameters, "eos_token_id": self.tokenizer.eos_token_id}
         (self.out / FINETUNE_META).write_text(json.dumps(meta, indent=2) + "\n")
+        if self.step < self.cfg.steps:
+            lora = {k: v for k, v in self.model.state_dict().items() if "lora_" in k}
+            torch.save({"lora": lora, "optimizer": self.opt.state_dict(), "step": self.step}, self.out / TRAINER_STATE)
+        else:
+            (self.out / TRAINER_STATE).unlink(missing_ok=True)
         return self.out
 
 
@@ -330,4 +372,4 @@ def finetune(cfg: FinetuneConfig) -> Path:
 
 
 __all__ = ["FinetuneConfig", "Finetuner", "LoRALinear", "add_lora", "adapter_deltas", "finetune", "merge_adapter",
-           "save_adapter", "with_dial_scope"]
+           "save_adapter"]

@@ -39,7 +39,7 @@ CHECKPOINT = "checkpoint.pt"
 LAYOUT_FILE = "localist.json"
 
 
-def _ramp(fractions: tuple, steps: int, step: int) -> float:
+def ramp(fractions: tuple, steps: int, step: int) -> float:
     """0 before the first fraction of training, 1 after the second, linear in between."""
     start, end = (f * steps for f in fractions)
     if step >= end:
@@ -58,6 +58,7 @@ class Batch:
     answer: torch.Tensor  # [B, T−1] bool: position t predicts an answer token
     lookup: torch.Tensor  # [B, T−1] bool: position t predicts the cited id (Encoded.lookup)
     copies: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 3, dtype=torch.long))  # [P, 3] (row, query, source)
+    pointing: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.bool))  # [B, T−1] (Encoded.pointing)
 
     def to(self, device: str) -> Batch:
         return Batch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
@@ -75,6 +76,7 @@ def collate(encoded: Sequence[Encoded], pad_id: int, prompt_weight: float) -> Ba
     weights = torch.zeros(B, T - 1)
     answer = torch.zeros(B, T - 1, dtype=torch.bool)
     lookup = torch.zeros(B, T - 1, dtype=torch.bool)
+    pointing = torch.zeros(B, T - 1, dtype=torch.bool)
     for row, e in enumerate(encoded):
         n, p = len(e.input_ids), len(e.table.token_ids)
         input_ids[row, :n] = torch.tensor(e.input_ids)
@@ -86,10 +88,12 @@ def collate(encoded: Sequence[Encoded], pad_id: int, prompt_weight: float) -> Ba
         answer[row, p - 1 : n - 1] = True
         if e.lookup >= 0:
             lookup[row, p - 1 + e.lookup] = True
+        for k in e.pointing:
+            pointing[row, p - 1 + k] = True
     target = torch.tensor([e.target_block for e in encoded])
     copies = torch.tensor([(row, len(e.table.token_ids) - 1 + k, src) for row, e in enumerate(encoded)
                            for k, src in e.copies], dtype=torch.long).view(-1, 3)
-    return Batch(input_ids, block_ids, pinned, candidate, target, weights, answer, lookup, copies)
+    return Batch(input_ids, block_ids, pinned, candidate, target, weights, answer, lookup, copies, pointing)
 
 
 def forward(model: PreTrainedModel, batch: Batch, rho: torch.Tensor):
@@ -160,7 +164,7 @@ def sample_rho(cfg: TrainConfig, step: int, n: int) -> torch.Tensor:
     """One ρ per sequence. The circuits that find a block form at ρ = 0 (at high ρ an untrained
     model's attention collapses onto the largest block); the dial's range then widens to rho_max."""
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-    rho = torch.rand(n, generator=g) * cfg.rho_max * _ramp(cfg.rho_ramp, cfg.steps, step)
+    rho = torch.rand(n, generator=g) * cfg.rho_max * ramp(cfg.rho_ramp, cfg.steps, step)
     zero = torch.rand(n, generator=g) < cfg.rho_zero_share
     return torch.where(zero, 0.0, rho)
 
@@ -168,7 +172,7 @@ def sample_rho(cfg: TrainConfig, step: int, n: int) -> torch.Tensor:
 def mu_at(cfg: TrainConfig, step: int) -> float:
     """The penalty sharpens a pointer once there is one: applied early, it locks attention onto
     whichever block happens to lead and starves the gradient that would find the right one."""
-    return cfg.mu * _ramp(cfg.mu_ramp, cfg.steps, step)
+    return cfg.mu * ramp(cfg.mu_ramp, cfg.steps, step)
 
 
 def blocks_at(cfg: TrainConfig, step: int) -> tuple[int, int]:
@@ -185,7 +189,7 @@ def pointer_at(cfg: TrainConfig, step: int) -> tuple[float, float]:
     answer starves the positional heads (previous token, induction) that reading a block needs; they
     form first, then get aimed. Their ramp is μ's own, or earlier: a head the entropy penalty has
     locked onto a block gets no pointer gradient."""
-    r = _ramp(cfg.pointer_ramp, cfg.steps, step)
+    r = ramp(cfg.pointer_ramp, cfg.steps, step)
     return cfg.pointer_weight * r, cfg.readout_weight * r
 
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from localist.model.blocks import DIAL_SCOPES
+
 
 @dataclass
 class TrainConfig:
@@ -69,7 +71,6 @@ def _is_ramp(r) -> bool:
     return len(r) == 2 and 0 <= r[0] <= r[1] <= 1
 
 
-DIAL_SCOPES = ("all", "evidence")  # docs/theory.md §2 "Dial scope"
 
 
 @dataclass
@@ -95,14 +96,13 @@ class FinetuneConfig:
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
     mu: float = 0.25
     mu_ramp: tuple = (0.2, 0.5)
-    pointer_weight: float = 0.0  # ν: off-target share of the answer queries (examples with a target rule)
+    pointer_weight: float = 0.0  # ν: off-target share of the pointing answer queries (Encoded.pointing)
     pointer_ramp: tuple = (0.0, 0.1)
-    readout_weight: float = 0.0  # τ of TrainConfig; kept at 0 here (a pretrained model copies labels)
     rho_max: float = 0.95
     rho_ramp: tuple = (0.05, 0.3)
     rho_zero_share: float = 0.25
     dial_scope: str = "all"  # the scope the model will be served with
-    prompt_weight: float = 0.0  # the answer is what is learnt; the prompt is the base's language
+    bf16: bool = False  # bf16 autocast of the model's matmuls (on the GPU); block statistics stay float32
     eval_every: int = 100
     eval_examples: int = 64
     device: str = "cpu"
@@ -114,11 +114,10 @@ class FinetuneConfig:
             "steps": self.steps >= 1, "stop_at": 0 <= self.stop_at <= self.steps, "time_limit_s": self.time_limit_s >= 0,
             "batch_size": self.batch_size >= 1, "lr": self.lr > 0, "lora_rank": self.lora_rank >= 1,
             "lora_alpha": self.lora_alpha > 0, "lora_targets": bool(self.lora_targets.strip()),
-            "mu": self.mu >= 0, "pointer_weight": self.pointer_weight >= 0, "readout_weight": self.readout_weight >= 0,
+            "mu": self.mu >= 0, "pointer_weight": self.pointer_weight >= 0,
             "mu_ramp": _is_ramp(self.mu_ramp), "pointer_ramp": _is_ramp(self.pointer_ramp),
             "rho_ramp": _is_ramp(self.rho_ramp), "rho_max": 0 <= self.rho_max < 1,
             "rho_zero_share": 0 <= self.rho_zero_share <= 1, "dial_scope": self.dial_scope in DIAL_SCOPES,
-            "prompt_weight": self.prompt_weight >= 0,
         }
         for name, ok in checks.items():
             if not ok:

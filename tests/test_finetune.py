@@ -5,11 +5,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from localist.model.blocks import with_dial_scope
 from localist.model.finetune import (
-    ADAPTER_CONFIG, ADAPTER_WEIGHTS, FINETUNE_META, Finetuner, RulebookBatches, align_eos, merge_adapter,
-    pointer_batch, with_dial_scope,
+    ADAPTER_CONFIG, ADAPTER_WEIGHTS, FINETUNE_META, TRAINER_STATE, Finetuner, RulebookBatches, align_eos,
+    answer_queries, merge_adapter,
 )
-from localist.model.reference import LocalistBatch, load_localist_model
+from localist.model.finetune_attention import TRAIN_ATTENTION
+from localist.model.reference import ATTN_IMPLEMENTATION, LocalistBatch, load_localist_model
 from localist.model.rulebooks import encode, examples
 from localist.model.tiny import make_tiny_checkpoint
 from localist.model.train_config import FinetuneConfig
@@ -64,20 +66,30 @@ def test_the_merged_checkpoint_computes_what_the_adapter_does(trained, base, tmp
     enc = encode(next(examples(0, "validation", 1)), tuner.tokenizer)
     ids = torch.tensor([enc.input_ids])
     tuner.model.eval()
-    with torch.no_grad():
-        for rho in (0.0, 0.9):
-            batch = lambda: LocalistBatch.from_tables([enc.table], [[rho] * 2], length=ids.shape[1])  # noqa: E731
-            want = tuner.model(input_ids=ids, localist=batch(), use_cache=False).logits
-            got = merged(input_ids=ids, localist=batch(), use_cache=False).logits
-            assert torch.allclose(want, got, atol=1e-4), (rho, float((want - got).abs().max()))
+    tuner.model.set_attn_implementation(ATTN_IMPLEMENTATION)  # the reference attention on both sides
+    try:
+        with torch.no_grad():
+            for rho in (0.0, 0.9):
+                batch = lambda: LocalistBatch.from_tables([enc.table], [[rho] * 2], length=ids.shape[1])  # noqa: E731
+                want = tuner.model(input_ids=ids, localist=batch(), use_cache=False).logits
+                got = merged(input_ids=ids, localist=batch(), use_cache=False).logits
+                assert torch.allclose(want, got, atol=1e-4), (rho, float((want - got).abs().max()))
+    finally:
+        tuner.model.set_attn_implementation(TRAIN_ATTENTION)
 
 
-def test_a_run_logs_validation_and_writes_the_adapter(tmp_path, base):
-    out = Finetuner(config(tmp_path / "run", base, steps=2, eval_every=2)).run()
+def test_a_run_logs_validation_writes_the_adapter_and_resumes(tmp_path, base):
+    out = Finetuner(config(tmp_path / "run", base, steps=3, stop_at=2, eval_every=2)).run()
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [0, 1, 2]
     assert set(log[0]["validation"]) == {"rho=0.0", "rho=0.9"} and "validation" in log[-1]
-    assert (out / ADAPTER_WEIGHTS).exists()
+    assert set(log[0]["validation"]["rho=0.9"]) == {"exact_match", "rule", "fidelity"}
+    assert (out / ADAPTER_WEIGHTS).exists() and (out / TRAINER_STATE).exists()
+    resumed = Finetuner(config(tmp_path / "run", base, steps=3, eval_every=2))
+    assert resumed.step == 2
+    resumed.run()
+    assert [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()][-1] == 3
+    assert not (out / TRAINER_STATE).exists()  # the schedule ended: nothing left to resume
 
 
 def test_evidence_scope_pins_every_block_that_is_not_a_candidate(base):
@@ -91,18 +103,47 @@ def test_evidence_scope_pins_every_block_that_is_not_a_candidate(base):
         with_dial_scope(table, "rules")
 
 
-def test_no_rule_examples_have_no_pointer_queries(base):
+def test_pointing_queries_are_those_before_the_label_ends_and_the_outcome(base):
     from transformers import AutoTokenizer
 
     from localist.model.train import collate
 
     tok = AutoTokenizer.from_pretrained(base)
     cases = list(examples(0, "train", 4))  # one rulebook: three outcome classes and one no-rule question
-    batch = collate([encode(c, tok) for c in cases], tok.pad_token_id, 0.0)
-    targeted, queries = pointer_batch(batch)
-    assert bool((targeted.target >= 0).all())
-    for row, case in enumerate(cases):
-        assert bool(queries[row].any()) == (case.target is not None)
+    encoded = [encode(c, tok) for c in cases]
+    batch = collate(encoded, tok.pad_token_id, 0.0)
+    queries = answer_queries(batch)
+    for row, (case, enc) in enumerate(zip(cases, encoded)):
+        n = len(enc.answer_ids)
+        assert int(queries.answer[row].sum()) == n
+        prompt = len(enc.table.token_ids)
+        assert queries.index[row, :n].tolist() == list(range(prompt - 1, prompt - 1 + n))  # each predicts answer token k
+        pointing = [k for k in range(n) if queries.pointing[row, k]]
+        assert pointing == (enc.pointing if case.target else [])
+
+
+def test_the_training_attention_computes_what_the_reference_model_does(trained, base, tmp_path):
+    """Logits, block statistics and gradients at the answer queries equal the reference attention's
+    (of the merged model), for sequences at ρ = 0 (the fused kernel) and ρ > 0 (the dialled path) in one batch."""
+    from localist.model.train import forward
+
+    tuner, _, out = trained
+    batch = RulebookBatches(tuner.cfg, tuner.tokenizer, 1)[0]
+    reference = load_localist_model(merge_adapter(base, out, tmp_path / "merged"))
+    rho = torch.tensor([0.0, 0.9])
+    logits, queries, stats = tuner.answer_forward(batch, rho)
+    want, want_stats = forward(reference, batch, rho)
+    gathered = want.gather(1, queries.index[..., None].expand(-1, -1, want.shape[-1]))
+    real = queries.answer[..., None]
+    assert torch.allclose(logits * real, gathered * real, atol=1e-4)
+    for got, ref in zip(stats, want_stats):
+        mass = ref.mass.gather(2, queries.index[:, None, :, None].expand(-1, ref.mass.shape[1], -1, ref.mass.shape[-1]))
+        assert torch.allclose(got.mass, mass, atol=1e-5)
+    # gradients reach the adapter through both paths
+    tuner.opt.zero_grad(set_to_none=True)
+    (logits * real).sum().backward()
+    assert all(float(lora.lora_B.grad.abs().sum()) > 0 for lora in tuner.loras.values())
+    tuner.opt.zero_grad(set_to_none=True)
 
 
 def test_the_answer_ends_with_the_models_own_eos(base):
@@ -142,10 +183,10 @@ def test_answers_are_scored_on_outcome_and_rule_label():
     ruled = next(c for c in cases if c.target)
     no_rule = next(c for c in cases if not c.target)
     assert answer_scores(ruled, ruled.answer + "<junk>") == {"joint": True, "outcome": True, "abstention": True}
-    wrong_rule = answer_scores(ruled, f"Outcome: {ruled.outcome}. Rule: {ruled.target}9.")
+    wrong_rule = answer_scores(ruled, f"Rule: {ruled.target}9. Outcome: {ruled.outcome}.")
     assert wrong_rule == {"joint": False, "outcome": True, "abstention": True}
     assert answer_scores(no_rule, ruled.answer) == {"joint": False, "outcome": False, "abstention": False}
-    assert answer_scores(no_rule, "Outcome: no rule applies.")["joint"]
+    assert answer_scores(no_rule, "Rule: none. Outcome: no rule applies.")["joint"]
     assert majority_baseline(cases) == 0.25  # four classes a rulebook, one question each
 
 
@@ -158,7 +199,7 @@ def test_the_faithfulness_probe_removes_the_target_rule():
     assert len(probes) == len(originals)
     for original, probe in zip(originals, probes):
         assert [r.label for r in probe.rules] == [r.label for r in original.rules if r.label != original.target]
-        assert (probe.outcome, probe.target, probe.answer) == (NO_RULE, None, "Outcome: no rule applies.")
+        assert (probe.outcome, probe.target, probe.answer) == (NO_RULE, None, "Rule: none. Outcome: no rule applies.")
 
 
 def test_a_table_row_aggregates_over_cases():
