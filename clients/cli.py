@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     ("localist.server.cli", "localist[cpu] or localist[cuda]"),
     ("localist.model.cli", "localist[cpu] or localist[cuda]"),
     ("localist.clients.commands", None),
+    ("localist.clients.rule_commands", None),
 )
 
 

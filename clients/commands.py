@@ -89,6 +89,9 @@ def render_metrics(result: LocalistResult, choice: int = 0) -> str:
         f" (ρ* {_num(theory.rho_star_p90)})   wrong-block share {_pct(theory.wrong_block_share)}"
         + ("   ⚠ target is not the top candidate" if theory.target_not_top else ""),
     ]
+    lines += [f"rule               {r.block} (rule {r.label} version {r.version}"
+              + (f", from {r.rulebook}" if r.rulebook else "") + f", sha256 {r.sha256[:16]}…)" for r in result.rules or ()]
+    lines += [f"⚠ {w}" for w in result.warnings or ()]
     return "\n".join(lines)
 
 
@@ -230,7 +233,8 @@ def cmd_chat(args) -> int:
     if target is not None and target.isdigit():
         target = int(target)
     request = dict(model=args.model, locality=args.locality, blocks=blocks or None, target_block=target,
-                   audit=args.audit, max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+                   audit=args.audit, rules=args.use_rule, anchors="check" if args.check_anchors else None,
+                   max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     with _client(args) as client:
         if args.stream:
             stream = client.chat_stream(messages, **request)
@@ -393,6 +397,10 @@ def add_commands(sub) -> None:
                       help="a document block (repeatable; TEXT may be @file)")
     chat.add_argument("--blocks", metavar="FILE", help="JSON list of block objects (label, kind, text, ...)")
     chat.add_argument("--target", help="ground-truth block (label or id) for pointer fidelity")
+    chat.add_argument("--use-rule", action="append", metavar="REF",
+                      help="inject a stored rule or rulebook: LABEL or LABEL@VERSION (repeatable; `localist rules`)")
+    chat.add_argument("--check-anchors", action="store_true",
+                      help="probe the anchors of the placed rule/document blocks under the served model")
     chat.add_argument("--audit", choices=["summary", "per_token", "per_layer"], help="detail returned and stored")
     chat.add_argument("--tokens", action="store_true", help="also print per-token attribution (needs per_token)")
     chat.add_argument("--max-tokens", type=int, default=64)

@@ -34,6 +34,8 @@ from .contract import (
     ModelList,
     PurgeResult,
     ReplayResult,
+    Rule,
+    RuleList,
     VerifyResult,
     WireModel,
     read,
@@ -243,6 +245,36 @@ class _KeysEndpoints:
         """Revoke a key (idempotent); requests with it are refused from then on."""
         response = yield Call("DELETE", f"/v1/keys/{key_id}")
         return _json(response, KeyInfo)
+
+
+class _RulesEndpoints:
+    """``client.rules``: the tenant's rules and rulebooks, each version immutable."""
+
+    @call
+    def create(self, label: str, text: str | None = None, *, anchor: str | None = None,
+               rules: Sequence[str] | None = None) -> Op[Rule]:
+        """A rule (``text``, optional ``anchor`` header) or a rulebook (``rules``: ``label`` or
+        ``label@version`` each); posting an existing label makes its next version."""
+        body = {"label": label, "text": text, "anchor": anchor, "rules": None if rules is None else list(rules)}
+        response = yield Call("POST", "/v1/rules", json={k: v for k, v in body.items() if v is not None})
+        return _json(response, Rule)
+
+    @call
+    def list(self, *, include_retired: bool = False) -> Op[RuleList]:
+        """Every rule and rulebook of the tenant with all versions (and rulebooks' anchor probes)."""
+        response = yield Call("GET", "/v1/rules", params={"include_retired": str(include_retired).lower()})
+        return _json(response, RuleList)
+
+    @call
+    def get(self, label: str) -> Op[Rule]:
+        response = yield Call("GET", f"/v1/rules/{label}")
+        return _json(response, Rule)
+
+    @call
+    def retire(self, label: str) -> Op[Rule]:
+        """Retire a rule or rulebook: requests can no longer use it; its versions stay readable."""
+        response = yield Call("DELETE", f"/v1/rules/{label}")
+        return _json(response, Rule)
 
 
 class _Endpoints:

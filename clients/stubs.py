@@ -53,7 +53,8 @@ def _method(name: str, fn, annotations: set[str], prefix: str = "") -> str:
 def _class(cls, asynchronous: bool, connection: bool, annotations: set[str]) -> list[str]:
     lines = [f"class {cls.__name__}:"]
     if connection:
-        lines += [f"    audit: {cls._audit_cls.__name__}", f"    keys: {cls._keys_cls.__name__}", "    base_url: str", "    api_key: str | None",
+        lines += [f"    audit: {cls._audit_cls.__name__}", f"    keys: {cls._keys_cls.__name__}",
+                  f"    rules: {cls._rules_cls.__name__}", "    base_url: str", "    api_key: str | None",
                   "    timeout: float", "    max_retries: int", "    backoff: float", "    max_backoff: float",
                   f"    def __init__({_parameters(transport._Transport.__init__, annotations)}) -> None: ..."]
         if asynchronous:
@@ -72,6 +73,7 @@ def _class(cls, asynchronous: bool, connection: bool, annotations: set[str]) -> 
 def render() -> str:
     classes = [(client.AuditAPI, False, False), (client.AsyncAuditAPI, True, False),
                (client.KeysAPI, False, False), (client.AsyncKeysAPI, True, False),
+               (client.RulesAPI, False, False), (client.AsyncRulesAPI, True, False),
                (client.Client, False, True), (client.AsyncClient, True, True)]
     body: list[str] = []
     annotations: set[str] = set()

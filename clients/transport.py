@@ -45,6 +45,7 @@ class _Transport:
     _http_class: type  # httpx.Client or httpx.AsyncClient
     _audit_cls: type  # the endpoint groups, set by ``twin``
     _keys_cls: type
+    _rules_cls: type
 
     def __init__(self, base_url: str | None = None, api_key: str | None = None, *, timeout: float = 120.0,
                  max_retries: int = 3, backoff: float = 0.5, max_backoff: float = 20.0):
@@ -59,6 +60,7 @@ class _Transport:
         self._http = self._http_class(base_url=self.base_url, headers=self._headers(), timeout=self.timeout)
         self.audit = self._audit_cls(self)
         self.keys = self._keys_cls(self)
+        self.rules = self._rules_cls(self)
 
     def _headers(self) -> dict[str, str]:
         headers = {"user-agent": "localist-client"}

@@ -288,6 +288,16 @@ class LocalistWorkerExtension:
     def localist_stats(self, request_id: str, since: int = 0, release: bool = False) -> dict[str, Any]:
         return worker_state(self.vllm_config).take(request_id, since, release)
 
+    def localist_stats_held(self) -> int:
+        """Statistics records this rank still holds (0 once every request was released or expired)."""
+        return len(worker_state(self.vllm_config).records)
+
+    def localist_attention_isas(self) -> list[str]:
+        """The KV-cache layouts vLLM's CPU attention set on this rank's localist layers (``layer.isa``,
+        assigned once the KV cache exists), for the audit's provenance."""
+        layers = [m for m in self.model_runner.get_model().modules() if hasattr(m, "localist_layer")]
+        return sorted({str(getattr(m, "isa", "unset")) for m in layers})
+
 
 class LocalistWorkerError(RuntimeError):
     """The localist attention failed while serving the request; the worker ended it (the cause in str())."""

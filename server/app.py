@@ -18,7 +18,7 @@ from localist.model.blocks import MAX_BLOCKS
 from localist.server import errors
 from localist.server.auth import DevMode, Limiter
 from localist.server.observability import Prometheus, RequestIdMiddleware
-from localist.server.routers import audit, keys, ops, openai_api
+from localist.server.routers import audit, keys, ops, openai_api, rules
 
 log = logging.getLogger("localist.server")
 
@@ -73,6 +73,7 @@ async def start_auth(store, settings: Settings) -> DevMode:
 @asynccontextmanager
 async def lifespan(app: FastAPI):
     from localist.server.engine import Engine, EngineConfig
+    from localist.server.rules import RuleService
     from localist.server.service import GenerationService
 
     settings: Settings = app.state.settings
@@ -89,6 +90,7 @@ async def lifespan(app: FastAPI):
     app.state.engine = engine
     app.state.prometheus.watch_engine(engine)
     app.state.service = GenerationService(engine, store, app.state.prometheus, settings.default_rho, settings.max_blocks)
+    app.state.rules = RuleService(store, app.state.service)
     supervisor = asyncio.get_running_loop().create_task(engine.supervise(), name="engine supervisor")
     if settings.stand_in:
         log.warning("SERVING AN UNTRAINED STAND-IN MODEL (%s): random weights, outputs are noise.",
@@ -115,6 +117,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(openai_api.router)
     app.include_router(audit.router)
     app.include_router(keys.router)
+    app.include_router(rules.router)
     app.include_router(ops.router)
     return app
 

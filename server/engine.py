@@ -28,7 +28,8 @@ from typing import Any, TypeVar
 from transformers import AutoTokenizer
 
 from localist.model.attention import BlockStats
-from localist.model.blocks import LocalistParams
+from localist.model.blocks import DIAL_SCOPES, LocalistParams
+from localist.model.provenance import checkpoint
 from localist.model.tokenizer import tokenizer_fingerprint
 
 log = logging.getLogger("localist.server")
@@ -47,6 +48,18 @@ def weights_sha256(model_dir: Path) -> str:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(chunk)
     return digest.hexdigest()
+
+
+def default_dial_scope(model_dir: Path) -> str:
+    """The dial scope a request gets when it gives none: the model folder's ``localist.json``, key
+    ``dial_scope`` (chosen by measurement and stated in the model card), else ``all``."""
+    from localist.model.train import LAYOUT_FILE
+
+    path = model_dir / LAYOUT_FILE
+    scope = json.loads(path.read_text()).get("dial_scope", "all") if path.exists() else "all"
+    if scope not in DIAL_SCOPES:
+        raise ValueError(f"{path}: dial_scope must be one of {', '.join(DIAL_SCOPES)}, got {scope!r}")
+    return scope
 
 
 def software_versions() -> dict[str, str]:
@@ -156,8 +169,14 @@ class Engine:
         self.max_model_len = min(config.max_model_len, int(hf.get("max_position_embeddings", config.max_model_len)))
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
         self.weights_sha256 = weights_sha256(self.model_dir)
+        self.checkpoint = checkpoint(self.model_dir)  # the input files' identity (provenance)
+        self.default_dial_scope = default_dial_scope(self.model_dir)
         self.fingerprint = tokenizer_fingerprint(self.tokenizer)
         self.versions = software_versions()
+        # How the engine runs the model, read from vLLM once it started (:meth:`read_engine_setup`).
+        self.dtype: str | None = None
+        self.attention_isa: str | None = None
+        self.tensor_parallel_size: int | None = None
         self._llm = None
         self._died = asyncio.Event()  # set once the current AsyncLLM is found dead; a new one per engine
         self.restarting = False
@@ -188,6 +207,15 @@ class Engine:
         log.info("engine started: model %s from %s (%d layers, %d heads, max_model_len %d, max_num_seqs %d; "
                  "engine flags %s)", self.name, self.model_dir, self.num_layers, self.num_heads, self.max_model_len,
                  scheduler.max_num_seqs, self.config.extra or "none")
+
+    async def read_engine_setup(self) -> None:
+        """The dtype, the attention ISA every rank's localist layers use, and the tensor-parallel size,
+        as vLLM set them up (the audit's provenance): once, after :meth:`start`."""
+        config = self._llm.vllm_config
+        ranks = await self.collective_rpc("localist_attention_isas")
+        self.dtype = str(config.model_config.dtype).removeprefix("torch.")
+        self.attention_isa = ",".join(sorted({isa for rank in ranks for isa in rank}))
+        self.tensor_parallel_size = int(config.parallel_config.tensor_parallel_size)
 
     @property
     def running(self) -> bool:

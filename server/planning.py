@@ -40,6 +40,9 @@ class Plan:
     cache_salt: str | None
     received: float = field(default_factory=time.time)
     replay_of: str | None = None
+    rules: list[C.InjectedRule] = field(default_factory=list)  # the injected rule versions (server/rules.py)
+    anchors: list[C.AnchorCheck] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -100,8 +103,10 @@ def _placed_text(placed: list[C.BlockSpec]) -> tuple[str, list[Span]]:
     return text, spans
 
 
-def chat_table(engine: Engine, req: C.ChatCompletionRequest, max_blocks: int) -> BlockTable:
-    """One block per message; placed blocks go into one system message before the conversation."""
+def chat_table(engine: Engine, req: C.ChatCompletionRequest, max_blocks: int,
+               rule_blocks: list[C.BlockSpec] = ()) -> BlockTable:
+    """One block per message; placed blocks (injected rules first) go into one system message before the
+    conversation."""
     blocks = req.blocks or []
     _check_specs(blocks, "chat")
     messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in req.messages]
@@ -114,7 +119,7 @@ def chat_table(engine: Engine, req: C.ChatCompletionRequest, max_blocks: int) ->
             by_message.setdefault(b.message, []).append((i, b))
     for k, items in by_message.items():
         _check_spans(items, len(messages[k]["content"]), f"messages[{k}].content")
-    placed = [b for b in blocks if b.text is not None]
+    placed = [*rule_blocks, *(b for b in blocks if b.text is not None)]
     shift = 0
     if placed:
         text, placed_spans = _placed_text(placed)
@@ -126,8 +131,10 @@ def chat_table(engine: Engine, req: C.ChatCompletionRequest, max_blocks: int) ->
     return table_from_chat(engine.tokenizer, messages, spans, add_generation_prompt=True, max_blocks=max_blocks)
 
 
-def completion_table(engine: Engine, req: C.CompletionRequest, max_blocks: int) -> BlockTable:
-    """Placed blocks before the prompt, spans inside it; a token-id prompt takes token spans."""
+def completion_table(engine: Engine, req: C.CompletionRequest, max_blocks: int,
+                     rule_blocks: list[C.BlockSpec] = ()) -> BlockTable:
+    """Placed blocks (injected rules first) before the prompt, spans inside it; a token-id prompt takes
+    token spans."""
     blocks = req.blocks or []
     _check_specs(blocks, "completions")
     if isinstance(req.prompt, list):
@@ -139,6 +146,8 @@ def completion_table(engine: Engine, req: C.CompletionRequest, max_blocks: int) 
                 raise BlockError(f"prompt[{j}]", f"token id {t} outside the vocabulary [0, {vocab})")
         if any(b.text is not None for b in blocks):
             raise BlockError("blocks", "a token-id prompt takes token spans (`start`/`end`), not texts")
+        if rule_blocks:
+            raise BlockError("rules", "a token-id prompt takes no injected rules (they are texts)")
         _check_spans(list(enumerate(blocks)), len(req.prompt), "the prompt's tokens")
         for i, b in enumerate(blocks):
             if b.start < 1:
@@ -151,7 +160,8 @@ def completion_table(engine: Engine, req: C.CompletionRequest, max_blocks: int) 
         raise BlockError("prompt", "the prompt is empty")
     spans = [(i, b) for i, b in enumerate(blocks) if b.text is None]
     _check_spans(spans, len(req.prompt), "the prompt")
-    pieces = [Piece(b.text, b.label, b.kind, b.pinned, b.evidence) for b in blocks if b.text is not None]
+    pieces = [Piece(b.text, b.label, b.kind, b.pinned, b.evidence)
+              for b in [*rule_blocks, *blocks] if b.text is not None]
     pieces += split_text(req.prompt, [_span(b) for _, b in spans], "prompt", "user", "blocks")
     return table_from_pieces(engine.tokenizer, pieces, max_blocks=max_blocks)
 
@@ -220,11 +230,13 @@ def _logprobs(req: C.ChatCompletionRequest | C.CompletionRequest, endpoint: str)
 
 
 def plan(engine: Engine, req: C.ChatCompletionRequest | C.CompletionRequest, endpoint: str,
-         default_rho: float = 0.0, max_blocks: int = MAX_BLOCKS) -> Plan:
-    """Validate everything and build the engine requests; raises UnknownModel, BlockError or InvalidRequest."""
+         default_rho: float = 0.0, max_blocks: int = MAX_BLOCKS, rule_blocks: list[C.BlockSpec] = ()) -> Plan:
+    """Validate everything and build the engine requests; raises UnknownModel, BlockError or InvalidRequest.
+    ``rule_blocks``: the request's ``rules`` resolved to placed blocks (``localist.server.rules``)."""
     if req.model != engine.name:
         raise UnknownModel(f"model: the model {req.model!r} does not exist; this server serves {engine.name!r}")
-    table = chat_table(engine, req, max_blocks) if endpoint == "chat" else completion_table(engine, req, max_blocks)
+    table = (chat_table(engine, req, max_blocks, rule_blocks) if endpoint == "chat"
+             else completion_table(engine, req, max_blocks, rule_blocks))
     rho = resolve_rho(req.locality if req.locality is not None else default_rho, engine.num_layers)
     preset = req.locality if isinstance(req.locality, str) and req.locality in PRESETS else None
     target = resolve_target(table, req.target_block)

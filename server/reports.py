@@ -118,6 +118,19 @@ def _metrics(blocks: list[C.BlockInfo], m: C.ChoiceMetrics | None) -> dict[str, 
     }
 
 
+def _rules(request: C.RecordRequest | None, localist: C.LocalistResult | None) -> str:
+    """The injected rule versions with the texts the request was answered with, and the anchor warnings."""
+    if request is None or not request.rules:
+        return ""
+    rows = "".join(
+        f"<tr><td>{_e(r.block)}</td><td><code>{_e(r.rule_id)}</code></td><td>{_e(r.rulebook or '—')}</td>"
+        f"<td><code>{_e(r.sha256[:16])}…</code></td><td><pre>{_e(r.anchor)}\n{_e(r.text)}</pre></td></tr>"
+        for r in request.rules)
+    warned = "".join(f'<p class="bad">{_e(w)}</p>' for w in (localist.warnings or [])) if localist else ""
+    return ("<h2>Injected rules</h2>\n<table class=\"grid\"><tr><th>block</th><th>rule id</th><th>rulebook</th>"
+            f"<th>sha256</th><th>text as injected</th></tr>{rows}</table>\n{warned}")
+
+
 def render_html(report: C.AuditReport) -> str:
     rec, ver = report.record, report.verification
     localist, request, output = rec.localist(), rec.request, rec.output
@@ -141,6 +154,7 @@ def render_html(report: C.AuditReport) -> str:
         rho=_e(", ".join(f"{r:g}" for r in rho) if rho is not None else None),
         preset=_e(localist.locality.preset if localist and localist.locality.preset else "—"),
         audit_level=_e(localist.audit if localist else request.audit if request else "—"),
+        rules=_rules(request, localist),
         verdict=verdict,
         covered=covered,
         hashes="<br>".join(f"{k}: <code>{_e(v)}</code>" for k, v in rec.hashes.model_dump().items()),

@@ -80,9 +80,11 @@ class GenerationService:
 
     # -- planning -------------------------------------------------------------------------------
 
-    def plan(self, req: C.ChatCompletionRequest | C.CompletionRequest, endpoint: str) -> Plan:
-        """The request checked and planned; then the engine must be serving (503 otherwise)."""
-        plan = planning.plan(self.engine, req, endpoint, self.default_rho, self.max_blocks)
+    def plan(self, req: C.ChatCompletionRequest | C.CompletionRequest, endpoint: str,
+             rule_blocks: list[C.BlockSpec] = ()) -> Plan:
+        """The request checked and planned (``rule_blocks``: its ``rules`` resolved by ``server/rules.py``);
+        then the engine must be serving (503 otherwise)."""
+        plan = planning.plan(self.engine, req, endpoint, self.default_rho, self.max_blocks, rule_blocks)
         self.engine.ensure_serving()
         return plan
 
@@ -147,7 +149,9 @@ class GenerationService:
         plan = run.plan
         run.result = C.LocalistResult(audit_id=plan.request_id, audit=plan.req.audit,
                                       locality=C.Dial(rho=plan.rho, preset=plan.preset),
-                                      blocks=wire.block_infos(plan.table), choices=choices)
+                                      blocks=wire.block_infos(plan.table), choices=choices,
+                                      rules=[C.RuleUse(**u.model_dump(exclude={"text"})) for u in plan.rules] or None,
+                                      anchors=plan.anchors or None, warnings=plan.warnings or None)
 
     async def _release_stats(self, run: Run) -> None:
         """Free the workers' statistics of every choice (also after an abort or a failure: one choice's
@@ -199,7 +203,7 @@ class GenerationService:
                 n=req.n, temperature=first.temperature, top_p=first.top_p, seed=req.seed, max_tokens=first.max_tokens,
                 stop=first.stop, logprobs=first.logprobs, ignore_eos=first.ignore_eos,
                 presence_penalty=first.presence_penalty, frequency_penalty=first.frequency_penalty),
-            body=req.model_dump(mode="json", exclude_none=True))
+            body=req.model_dump(mode="json", exclude_none=True), rules=plan.rules or None)
         output = C.RecordOutput(
             choices=[C.RecordChoice(index=c.index, text=c.output.text, token_ids=c.output.token_ids,
                                     finish_reason=c.output.finish_reason) for c in run.choices],

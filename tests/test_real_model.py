@@ -351,3 +351,20 @@ def test_openai_sdk_chat_with_blocks_at_rho_0_9_has_metrics_and_an_audit_record(
     assert rec["status"] == "completed" and rec["rho_min"] == rec["rho_max"] == 0.9
     assert rec["output"]["choices"][0]["text"] == r.choices[0].message.content
     assert rec["metrics"]["localist"]["choices"][0]["attribution"] == metrics["attribution"]
+
+
+def test_a_gguf_server_records_the_gguf_files_provenance(servers):
+    """Provenance names the GGUF file (its sha256), not the folder converted from it on this host: the
+    server given the file and the one given the imported folder say the same checkpoint."""
+    for name, dtype in (("bf16", "bfloat16"), ("localist", "float32")):
+        service = servers[name]
+        model = httpx.get(f"{service.base_url}/v1/models", headers=service.headers(), timeout=30).json()["data"][0]
+        provenance = model["provenance"]
+        assert provenance["checkpoint_sha256"] == gguf_sha256() and provenance["checkpoint_format"] == "gguf"
+        assert provenance["checkpoint_files"] == [{"name": GGUF_NAME, "sha256": gguf_sha256()}]
+        assert provenance["dtype"] == dtype and provenance["tensor_parallel_size"] == 1
+        r = httpx.post(f"{service.base_url}/v1/completions", headers=service.headers(), timeout=300,
+                       json={"model": service.model, "prompt": "Hello", "max_tokens": 2})
+        assert r.status_code == 200, r.text
+        record = httpx.get(f"{service.base_url}/v1/audit/{r.json()['id']}", headers=service.headers(), timeout=30)
+        assert record.json()["request"]["provenance"] == provenance

@@ -12,7 +12,7 @@ from them. One definition, two configurations:
 
 Only pydantic is needed: the client install has no torch and no vLLM. Modules: ``generation`` (OpenAI's
 shapes with the locality extensions), ``metrics`` (the ``localist`` object), ``audit`` (records),
-``service`` (errors, models, health, keys).
+``service`` (errors, models, health, keys), ``rules`` (rules, rulebooks, anchor probes).
 """
 from .audit import (
     AuditList,
@@ -71,17 +71,19 @@ from .metrics import (
     TokenAttribution,
     TokenMetrics,
 )
+from .rules import AnchorCheck, AnchorProbe, InjectedRule, Rule, RuleCreate, RuleList, RuleMember, RuleUse, RuleVersion
 from .service import ErrorBody, ErrorResponse, Health, KeyCreate, KeyCreated, KeyInfo, KeyList, ModelInfo, ModelList
 
 __all__ = [
-    "AssistantMessage", "AuditLevel", "AuditList", "AuditRecord", "AuditReport", "AuditSummary", "BlockInfo",
+    "AnchorCheck", "AnchorProbe", "AssistantMessage", "AuditLevel", "AuditList", "AuditRecord", "AuditReport", "AuditSummary", "BlockInfo",
     "BlockSpec", "BrokenLink", "ChatChoice", "ChatChunkChoice", "ChatCompletionChunk", "ChatCompletionRequest",
     "ChatCompletionResponse", "ChatDelta", "ChatLogprobs", "ChatMessage", "ChoiceMetrics", "CompletionChoice",
     "CompletionLogprobs", "CompletionRequest", "CompletionResponse", "Dial", "Entropy", "ErrorBody", "ErrorResponse",
-    "FinishReason", "Health", "KeyCreate", "KeyCreated", "KeyInfo", "KeyList", "LocalistDelta", "LocalistResult",
+    "FinishReason", "Health", "InjectedRule", "KeyCreate", "KeyCreated", "KeyInfo", "KeyList", "LocalistDelta", "LocalistResult",
     "LocalityFields", "ModelInfo", "ModelList", "Preset", "PurgeRequest", "PurgeResult", "RecordChoice",
     "RecordHashes", "RecordMetrics", "RecordOutput", "RecordReplay", "RecordRequest", "RecordSampling",
     "RecordStatus", "RecordTimestamps", "RecordVerification", "RedactRequest", "ReplayChoice", "ReplayResult",
-    "ReplaySampling", "RequestModel", "StreamOptions", "TextContentPart", "Theory", "TokenAttribution",
+    "ReplaySampling", "RequestModel", "Rule", "RuleCreate", "RuleList", "RuleMember", "RuleUse",
+    "RuleVersion", "StreamOptions", "TextContentPart", "Theory", "TokenAttribution",
     "TokenLogprob", "TokenMetrics", "TopLogprob", "Usage", "VerifyResult", "WireModel", "read",
 ]

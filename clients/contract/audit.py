@@ -13,6 +13,7 @@ from pydantic import ConfigDict, Field
 from .base import AuditLevel, FinishReason, RecordStatus, RequestModel, WireModel
 from .generation import Usage
 from .metrics import BlockInfo, LocalistResult
+from .rules import InjectedRule
 
 # --------------------------------------------------------------------------- the payload of a request record
 
@@ -46,6 +47,8 @@ class RecordRequest(WireModel):
     audit: AuditLevel
     params: RecordSampling
     body: dict[str, Any] = Field(description="The request body as received (null fields left out).")
+    rules: list[InjectedRule] | None = Field(None, description="The injected rule versions with their texts "
+                                             "(editing or retiring a rule later changes nothing here).")
 
 
 class RecordChoice(WireModel):
@@ -114,7 +117,7 @@ class AuditSummary(WireModel):
 
     id: str
     seq: int
-    kind: str = Field(description="request | key | redaction | retention")
+    kind: str = Field(description="request | key | rule | redaction | retention")
     tenant: str
     created_us: int
     created_at: str

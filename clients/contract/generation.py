@@ -52,6 +52,13 @@ class LocalityFields(RequestModel):
         None, description="Ground-truth block for pointer fidelity: a block label or a block id."
     )
     audit: AuditLevel = Field("summary", description="How much detail is returned and stored.")
+    rules: list[str] | None = Field(
+        None, max_length=64, description="Rules or rulebooks of the caller's tenant to inject (`/v1/rules`): "
+        "`label` (latest version) or `label@version`; each rule becomes a `rule` block labelled "
+        "`label@version`, placed before the request's own blocks, its text starting with its anchor header.")
+    anchors: Literal["check"] | None = Field(
+        None, description="`check`: probe the anchor of every placed candidate block (injected rules and text "
+        "blocks) under the served model before answering; the result is in `localist.anchors`.")
 
 
 # --------------------------------------------------------------------------- OpenAI request fields

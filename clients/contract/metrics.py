@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import Field
 
 from .base import AuditLevel, WireModel
+from .rules import AnchorCheck, RuleUse
 
 
 class Dial(WireModel):
@@ -116,6 +117,11 @@ class LocalistResult(WireModel):
     locality: Dial
     blocks: list[BlockInfo]
     choices: list[ChoiceMetrics] = Field(description="One entry per generated choice, by index.")
+    rules: list[RuleUse] | None = Field(None, description="The injected rule versions (`rules` of the request).")
+    anchors: list[AnchorCheck] | None = Field(None, description="Anchor probes of the rulebooks used (made when "
+                                              "each version was created) and, with `anchors: check`, of this "
+                                              "request's blocks.")
+    warnings: list[str] | None = Field(None, description="E.g. an anchor that is not separable.")
 
 
 class TokenAttribution(WireModel):

@@ -71,7 +71,7 @@ async def list_records(
     fidelity_min: float | None = Query(None, ge=0.0, le=1.0),
     fidelity_max: float | None = Query(None, ge=0.0, le=1.0),
     block: str | None = Query(None, description="Only requests with a block of this label."),
-    kind: Literal["request", "key", "redaction", "retention"] = "request",
+    kind: Literal["request", "key", "rule", "redaction", "retention"] = "request",
     limit: int = Query(50, ge=1, le=1000),
     cursor: str | None = None,
 ):

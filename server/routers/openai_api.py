@@ -123,7 +123,7 @@ async def _events(service: GenerationService, run: Run, request: Request, who: P
 
 async def _generate(request: Request, who: Principal, req, endpoint: str):
     service = _service(request)
-    plan = service.plan(req, endpoint)
+    plan = await request.app.state.rules.plan(req, endpoint, who)  # the request's rules placed first
     await request.app.state.limiter.acquire(who.key)
     run = service.start(plan, who, getattr(request.state, "request_id", None))
     if req.stream:

@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 
 STATUSES = ("completed", "aborted", "failed")
-KINDS = ("request", "key", "redaction", "retention")
+KINDS = ("request", "key", "rule", "redaction", "retention")
 RECORD_KEYS = {"tenant", "status", "error", "id", "request", "output", "metrics", "timestamps", "replay"}
 MAX_TENANT, MAX_ID, MAX_MODEL, MAX_LABEL = 128, 64, 256, 256
 

@@ -25,7 +25,7 @@ from alembic.config import Config
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 
-from . import erasure, keys, query, verification
+from . import erasure, keys, query, rules, verification
 from .chain import Receipt, append, now_us
 from .keys import ApiKey
 from .query import ALL_TENANTS, Page
@@ -210,6 +210,25 @@ class AuditStore:
         with self._engine.connect() as conn:
             return keys.verify_key(conn, token)
 
+    # -- rules and rulebooks (``rules``) -----------------------------------------------------------
+
+    def create_rule_version(self, **kwargs) -> rules.StoredRule:
+        """A rule's or rulebook's next version (``rules.create_version``), with its chained record."""
+        with self._wengine.begin() as conn:
+            return rules.create_version(conn, **kwargs)
+
+    def retire_rule(self, **kwargs) -> rules.StoredRule:
+        with self._wengine.begin() as conn:
+            return rules.retire(conn, **kwargs)
+
+    def get_rule(self, *, tenant: str, label: str) -> rules.StoredRule | None:
+        with self._engine.connect() as conn:
+            return rules.get_rule(conn, tenant=tenant, label=label)
+
+    def list_rules(self, *, tenant: str, include_retired: bool = False) -> list[rules.StoredRule]:
+        with self._engine.connect() as conn:
+            return rules.list_rules(conn, tenant=tenant, include_retired=include_retired)
+
     # -- signing and verification ---------------------------------------------------------------
 
     def sign_head(self) -> Checkpoint | None:
@@ -294,6 +313,18 @@ class AuditStore:
 
     async def arevoke_key(self, key_id: str, **kwargs) -> ApiKey:
         return await asyncio.to_thread(lambda: self.revoke_key(key_id, **kwargs))
+
+    async def acreate_rule_version(self, **kwargs) -> rules.StoredRule:
+        return await asyncio.to_thread(lambda: self.create_rule_version(**kwargs))
+
+    async def aretire_rule(self, **kwargs) -> rules.StoredRule:
+        return await asyncio.to_thread(lambda: self.retire_rule(**kwargs))
+
+    async def aget_rule(self, **kwargs) -> rules.StoredRule | None:
+        return await asyncio.to_thread(lambda: self.get_rule(**kwargs))
+
+    async def alist_rules(self, **kwargs) -> list[rules.StoredRule]:
+        return await asyncio.to_thread(lambda: self.list_rules(**kwargs))
 
     async def akeys_ever_created(self) -> bool:
         return await asyncio.to_thread(self.keys_ever_created)
