@@ -25,13 +25,16 @@ from .endpoints import (
     PurgeResult,
     ReplayResult,
     ReportFormat,
+    Rule,
+    RuleList,
+    Sequence,
     VerifyResult,
 )
 from .streams import AsyncStream as AsyncStream
 from .streams import Stream as Stream
 from .streams import StreamDelta as StreamDelta
 
-__all__ = ['AsyncAuditAPI', 'AsyncClient', 'AsyncKeysAPI', 'AsyncStream', 'AuditAPI', 'Client', 'KeysAPI', 'Stream', 'StreamDelta']
+__all__ = ['AsyncAuditAPI', 'AsyncClient', 'AsyncKeysAPI', 'AsyncRulesAPI', 'AsyncStream', 'AuditAPI', 'Client', 'KeysAPI', 'RulesAPI', 'Stream', 'StreamDelta']
 
 class AuditAPI:
     def get(self, audit_id: str) -> AuditRecord:
@@ -87,9 +90,30 @@ class AsyncKeysAPI:
         """Revoke a key (idempotent); requests with it are refused from then on."""
 
 
+class RulesAPI:
+    def create(self, label: str, text: str | None = ..., *, anchor: str | None = ..., rules: Sequence[str] | None = ...) -> Rule:
+        """A rule (``text``, optional ``anchor`` header) or a rulebook (``rules``: ``label`` or ``label@version`` each); posting an existing label makes its next version."""
+    def get(self, label: str) -> Rule: ...
+    def list(self, *, include_retired: bool = ...) -> RuleList:
+        """Every rule and rulebook of the tenant with all versions (and rulebooks' anchor probes)."""
+    def retire(self, label: str) -> Rule:
+        """Retire a rule or rulebook: requests can no longer use it; its versions stay readable."""
+
+
+class AsyncRulesAPI:
+    async def create(self, label: str, text: str | None = ..., *, anchor: str | None = ..., rules: Sequence[str] | None = ...) -> Rule:
+        """A rule (``text``, optional ``anchor`` header) or a rulebook (``rules``: ``label`` or ``label@version`` each); posting an existing label makes its next version."""
+    async def get(self, label: str) -> Rule: ...
+    async def list(self, *, include_retired: bool = ...) -> RuleList:
+        """Every rule and rulebook of the tenant with all versions (and rulebooks' anchor probes)."""
+    async def retire(self, label: str) -> Rule:
+        """Retire a rule or rulebook: requests can no longer use it; its versions stay readable."""
+
+
 class Client:
     audit: AuditAPI
     keys: KeysAPI
+    rules: RulesAPI
     base_url: str
     api_key: str | None
     timeout: float
@@ -115,6 +139,7 @@ class Client:
 class AsyncClient:
     audit: AsyncAuditAPI
     keys: AsyncKeysAPI
+    rules: AsyncRulesAPI
     base_url: str
     api_key: str | None
     timeout: float
