@@ -276,6 +276,12 @@ class Engine:
         got = await fetch_stats(self, engine_id, since=since, release=release)
         return BlockStats(got.log_mass, got.mass, got.inner_entropy)
 
+    async def stats_held(self) -> int:
+        """Statistics records the workers still hold, all ranks (0 while the engine is down)."""
+        if not self.running:
+            return 0
+        return sum(await self.collective_rpc("localist_stats_held"))
+
     async def _unless_dead(self, step: Awaitable[T], died: asyncio.Event, what: str) -> T:
         """Await ``step`` unless the engine dies first (vLLM leaves a call waiting on a dead engine core,
         e.g. its first ``get_supported_tasks``, unanswered): then cancel it and raise EngineUnavailable."""

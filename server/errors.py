@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from localist.model.blocks import BlockError
 from localist.server.engine import EngineUnavailable
 from localist.server.exceptions import ClientDisconnected, Conflict, GenerationFailed, InvalidRequest, UnknownModel
-from localist.server.store import AlreadyRedacted, NotFound, RecordError
+from localist.server.store import AlreadyRedacted, NotFound, RecordError, StoreUnavailable
 
 log = logging.getLogger("localist.server")
 
@@ -28,7 +28,7 @@ _TYPES = {
     415: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
 }
 DOMAIN_ERRORS = (BlockError, InvalidRequest, AlreadyRedacted, RecordError, UnknownModel, NotFound, Conflict, EngineUnavailable,
-                 GenerationFailed, ClientDisconnected)
+                 StoreUnavailable, GenerationFailed, ClientDisconnected)
 
 
 class ApiError(Exception):
@@ -67,6 +67,9 @@ def api_error(exc: Exception) -> ApiError:
         return ApiError(409, str(exc), exc.field, exc.code)
     if isinstance(exc, EngineUnavailable):
         return _unavailable(exc)
+    if isinstance(exc, StoreUnavailable):  # fail closed: nothing is answered that is not recorded
+        return ApiError(503, f"{exc}; nothing was answered or stored, retry later", None, "store_unavailable",
+                        {"Retry-After": str(exc.retry_after)})
     if isinstance(exc, GenerationFailed):
         stored = f" (stored as audit record {exc.record_id})"
         if isinstance(exc.cause, EngineUnavailable):

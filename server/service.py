@@ -25,6 +25,7 @@ from localist.server.auth import Principal
 from localist.server.engine import Engine, EngineRequest, Generated
 from localist.server.exceptions import ClientDisconnected, Conflict, GenerationFailed
 from localist.server.observability import Prometheus
+from localist.server.store import StoreUnavailable
 from localist.server import planning
 from localist.server.planning import Plan
 
@@ -86,6 +87,7 @@ class GenerationService:
         then the engine must be serving (503 otherwise)."""
         plan = planning.plan(self.engine, req, endpoint, self.default_rho, self.max_blocks, rule_blocks)
         self.engine.ensure_serving()
+        self.store.ensure_available()  # during an outage nothing could be recorded: 503 before any work
         return plan
 
     def plan_replay(self, record: C.AuditRecord) -> Plan:
@@ -93,6 +95,7 @@ class GenerationService:
         if record.kind != "request":
             raise Conflict(f"record {record.id!r} is a {record.kind} record, not a request", "id", "not_replayable")
         self.engine.ensure_serving()  # while the engine restarts: 503 + Retry-After, nothing stored
+        self.store.ensure_available()
         return planning.plan_replay(self.engine, record)
 
     # -- running --------------------------------------------------------------------------------
@@ -245,25 +248,34 @@ class GenerationService:
     def _store_in_background(self, run: Run, status: str, error: str | None = None) -> asyncio.Task:
         """Release the statistics and store the record in a task of its own: the write outlives a cancelled
         handler (await it through ``asyncio.shield`` to answer only once the record is durable)."""
-        async def write():
+        async def write() -> Exception | None:
+            """Returns why the record was not stored (None: it is durable)."""
             try:
                 await self._release_stats(run)
             except Exception as exc:  # noqa: BLE001 — the record matters more than the statistics
                 log.warning("releasing statistics of %s failed: %s: %s", run.plan.request_id, type(exc).__name__, exc)
             try:
                 await self._store(run, status, error)
-            except Exception:  # noqa: BLE001 — nobody awaits this task: say it loudly
+            except StoreUnavailable as exc:  # an outage, logged once by the store: one line per record
+                log.warning("the %s record of %s was not stored: %s", status, run.plan.request_id, exc)
+                return exc
+            except Exception as exc:  # noqa: BLE001 — most callers do not await this task: say it loudly
                 log.exception("storing the %s record of %s failed", status, run.plan.request_id)
+                return exc
+            return None
 
         task = asyncio.get_running_loop().create_task(write())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return task
 
-    async def _failed(self, run: Run, exc: Exception) -> GenerationFailed:
-        """Store the request as failed (durable before the answer) and say so."""
+    async def _failed(self, run: Run, exc: Exception) -> GenerationFailed | StoreUnavailable:
+        """Store the request as failed (durable before the answer) and say so; when the store is down,
+        say that instead (the failure is in the log, not in a record)."""
         log.error("generation %s failed: %s: %s", run.plan.request_id, type(exc).__name__, exc)
-        await asyncio.shield(self._store_in_background(run, "failed", f"{type(exc).__name__}: {exc}"))
+        not_stored = await asyncio.shield(self._store_in_background(run, "failed", f"{type(exc).__name__}: {exc}"))
+        if isinstance(not_stored, StoreUnavailable):
+            return not_stored
         return GenerationFailed(exc, run.plan.request_id)
 
     async def drain(self) -> None:
@@ -308,7 +320,7 @@ class GenerationService:
     async def stream(self, run: Run) -> AsyncIterator[Delta]:
         """The choices' deltas as they come; once it ends, ``run.result`` holds the metrics and the record
         is durable. Closing it early stores the request as aborted; a failure is stored as failed and
-        raised as GenerationFailed."""
+        raised as GenerationFailed; a record the store cannot take raises StoreUnavailable."""
         completed = False
         try:
             async with contextlib.aclosing(self._merged(run)) as steps:
@@ -323,6 +335,8 @@ class GenerationService:
         except (asyncio.CancelledError, GeneratorExit):
             if not completed:
                 self._store_in_background(run, "aborted", "the client disconnected")
+            raise
+        except StoreUnavailable:  # the record of the finished request could not be written: no final event
             raise
         except Exception as exc:
             raise await self._failed(run, exc) from exc

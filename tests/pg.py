@@ -13,7 +13,7 @@ import subprocess
 import tempfile
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 PG_BIN = Path(os.environ.get("LOCALIST_PG_BIN", "/usr/lib/postgresql/15/bin"))
@@ -25,9 +25,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class Postgres:
+    """A running throwaway server: its admin ``url``; ``stop()`` and ``start()`` take it down and bring
+    it back on the same port and data (an outage, as the reliability tests make one)."""
+
+    def __init__(self, root: Path, run_as: list[str]):
+        self.root, self.run_as = root, run_as
+        self.data, self.logfile, self.port = root / "data", root / "server.log", _free_port()
+        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def run(self, *args: str) -> None:
+        done = subprocess.run([*self.run_as, *args], capture_output=True, text=True)
+        if done.returncode != 0:
+            log = self.logfile.read_text() if self.logfile.exists() else ""
+            raise RuntimeError(f"{' '.join(args)} failed ({done.returncode}):\n{done.stdout}{done.stderr}{log}")
+
+    def start(self) -> None:
+        self.run(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.logfile), "-w", "-t", "60", "-o",
+                 # fsync off: a throwaway server on shared test machines; nothing here outlives the test run.
+                 f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c max_connections=100 -c fsync=off",
+                 "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        """``pg_ctl stop -m MODE``: fast ends every session at once (their transactions roll back)."""
+        self.run(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop")
+
+
 @contextmanager
-def postgres_server() -> Iterator[str]:
-    """Start a throwaway server; yields its admin URL (``postgresql+psycopg://postgres@.../postgres``)."""
+def postgres_instance() -> Iterator[Postgres]:
+    """Start a throwaway server; yields it (stopped and deleted after)."""
     initdb, pg_ctl = PG_BIN / "initdb", PG_BIN / "pg_ctl"
     if not (initdb.exists() and pg_ctl.exists()):
         raise RuntimeError(f"PostgreSQL 15 binaries not found in {PG_BIN} (initdb, pg_ctl): install "
@@ -38,25 +64,24 @@ def postgres_server() -> Iterator[str]:
         nobody = pwd.getpwnam("nobody")
         os.chown(root, nobody.pw_uid, nobody.pw_gid)
         run_as = ["runuser", "-u", "nobody", "--"]
-    data, logfile, port = root / "data", root / "server.log", _free_port()
-
-    def run(*args: str) -> None:
-        done = subprocess.run([*run_as, *args], capture_output=True, text=True)
-        if done.returncode != 0:
-            log = logfile.read_text() if logfile.exists() else ""
-            raise RuntimeError(f"{' '.join(args)} failed ({done.returncode}):\n{done.stdout}{done.stderr}{log}")
-
+    pg = Postgres(root, run_as)
     try:
-        run(str(initdb), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
-        run(str(pg_ctl), "-D", str(data), "-l", str(logfile), "-w", "-t", "60", "-o",
-            # fsync off: a throwaway server on shared test machines; nothing here outlives the test run.
-            f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c max_connections=100 -c fsync=off", "start")
+        pg.run(str(initdb), "-D", str(pg.data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
+        pg.start()
         try:
-            yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+            yield pg
         finally:
-            run(str(pg_ctl), "-D", str(data), "-m", "immediate", "-w", "stop")
+            with suppress(RuntimeError):  # already stopped by the test
+                pg.stop("immediate")
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@contextmanager
+def postgres_server() -> Iterator[str]:
+    """Start a throwaway server; yields its admin URL (``postgresql+psycopg://postgres@.../postgres``)."""
+    with postgres_instance() as pg:
+        yield pg.url
 
 
 def fresh_database(admin_url: str) -> str:

@@ -24,8 +24,9 @@ from localist.clients import (
     ServerError,
 )
 
-HEALTH = {"status": "ok", "model": "m", "engine": "running", "engine_requests": 0, "engine_restarts": 0,
-          "engine_down_since": None, "engine_last_failure": None, "audit_store": "ok", "dev_mode": False}
+HEALTH = {"status": "ok", "model": "m", "engine": "running", "engine_requests": 0, "engine_stats_held": 0,
+          "engine_restarts": 0, "engine_down_since": None, "engine_last_failure": None, "audit_store": "ok",
+          "audit_store_down_since": None, "audit_store_last_failure": None, "dev_mode": False}
 
 
 def error(message: str, type_: str, param: str | None = None) -> bytes:

@@ -208,8 +208,9 @@ async def test_keys_cli_rate_and_concurrency_limits(localist_server, api):
 async def test_health_metrics_and_request_ids(localist_server, api):
     h = (await api.get("/health")).json()
     assert h == {"status": "ok", "model": localist_server.model, "engine": "running", "engine_requests": 0,
-                 "engine_restarts": 0, "engine_down_since": None, "engine_last_failure": None,
-                 "audit_store": "ok", "dev_mode": False}
+                 "engine_stats_held": 0, "engine_restarts": 0, "engine_down_since": None, "engine_last_failure": None,
+                 "audit_store": "ok", "audit_store_down_since": None, "audit_store_last_failure": None,
+                 "dev_mode": False}
     await chat(api, localist_server, locality=0.5, blocks=RULES, target_block="R1")
     r = await api.post("/v1/chat/completions", headers={"x-request-id": "trace-42"},
                        json={"model": localist_server.model, "messages": MSG, "max_tokens": 1})

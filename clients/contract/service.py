@@ -44,10 +44,18 @@ class Health(WireModel):
         description="`restarting`: the engine died and a new one is starting; generation is answered 503 "
                     "with Retry-After meanwhile.")
     engine_requests: int = Field(description="Requests unfinished in the engine (running or waiting).")
+    engine_stats_held: int = Field(description="Attention-statistics records the engine's workers still hold: "
+                                   "each request frees its own when it ends, so 0 when the engine is idle.")
     engine_restarts: int = Field(description="Engines started after the engine died, since the server started.")
     engine_down_since: float | None = Field(description="Unix time the current outage began; null while serving.")
     engine_last_failure: str | None = Field(description="Why the engine last died (kept after it is back).")
-    audit_store: Literal["ok", "error"]
+    audit_store: Literal["ok", "unavailable"] = Field(
+        description="`unavailable`: the audit database cannot be used (down, unreachable, disk full); generation "
+                    "is answered 503 with Retry-After meanwhile, and the server recovers by itself once it is back.")
+    audit_store_down_since: float | None = Field(description="Unix time the store's current outage began; null "
+                                                 "while it is usable.")
+    audit_store_last_failure: str | None = Field(description="Why the store was last unusable (kept after it is "
+                                                 "back).")
     dev_mode: bool = Field(description="Local dev mode: the audit store has never held an API key, so every caller "
                            "is the admin of tenant `default`. False for good once any process created a key.")
 

@@ -3,7 +3,8 @@
 HTTP only: the request service (``localist.server.service``) plans, runs, measures and stores; this
 module takes the caller's limits, watches for a caller that leaves, and writes OpenAI's response
 objects and server-sent events. A stream that fails after its status line was sent ends with an
-in-band error event and no ``[DONE]``.
+in-band error event and no ``[DONE]``; so does one whose audit record the store could not take (the
+final ``localist`` event and ``[DONE]`` come only after the record is durable).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from localist.server.auth import Principal, principal
 from localist.server.errors import api_error
 from localist.server.exceptions import GenerationFailed
 from localist.server.service import GenerationService, Run
+from localist.server.store import StoreUnavailable
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -112,7 +114,7 @@ async def _events(service: GenerationService, run: Run, request: Request, who: P
         final = C.ChatCompletionChunk if chat else C.CompletionResponse
         yield _sse(final(**base, choices=[], usage=usage, localist=run.result))
         yield "data: [DONE]\n\n"
-    except GenerationFailed as exc:  # the status line is sent: report in-band (the record is stored)
+    except (GenerationFailed, StoreUnavailable) as exc:  # the status line is sent: report in-band
         yield f"data: {json.dumps(api_error(exc).body())}\n\n"
     finally:
         request.app.state.limiter.release(who.key)

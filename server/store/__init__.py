@@ -2,6 +2,7 @@
 
 See ``records`` for what a record must hold and how it is hashed, ``store`` for the store.
 """
+from .availability import Outage, StoreUnavailable
 from .chain import Receipt
 from .keys import ApiKey
 from .query import ALL_TENANTS, Page
@@ -11,7 +12,7 @@ from .store import AuditStore
 from .verification import BrokenLink, RecordProof, VerifyReport
 
 __all__ = [
-    "ALL_TENANTS", "AlreadyRedacted", "ApiKey", "AuditStore", "BrokenLink", "Checkpoint", "NotFound", "Page", "Receipt",
-    "RecordError", "RecordProof", "VerifyReport", "canonical", "load_public_key", "load_signing_key", "public_key_pem",
-    "read_checkpoint_log",
+    "ALL_TENANTS", "AlreadyRedacted", "ApiKey", "AuditStore", "BrokenLink", "Checkpoint", "NotFound", "Outage", "Page",
+    "Receipt", "RecordError", "RecordProof", "StoreUnavailable", "VerifyReport", "canonical", "load_public_key",
+    "load_signing_key", "public_key_pem", "read_checkpoint_log",
 ]

@@ -12,10 +12,13 @@ modules beside it: ``chain`` (appending), ``writer`` (batched writes from the ev
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import shutil
+import sqlite3
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +29,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 
 from . import erasure, keys, query, rules, verification
-from .chain import Receipt, append, now_us
+from .availability import Availability, StoreUnavailable, is_outage
+from .chain import Receipt, append, lock_head, now_us
 from .keys import ApiKey
 from .query import ALL_TENANTS, Page
 from .records import Entry, RecordError, request_entry
@@ -39,6 +43,9 @@ log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 MIGRATION_LOCK = 0x10CA1157  # pg_advisory_xact_lock key: one migrator at a time
+# A no-op write can commit on a full disk (SQLite reuses its WAL's pages), so on SQLite the probe
+# also wants this much free space beside the database before it calls an outage over.
+SQLITE_PROBE_FREE_BYTES = 1 << 20
 
 
 class AuditStore:
@@ -79,6 +86,7 @@ class AuditStore:
                              if signing_key_path is not None else None)
         self._checkpoint_log = Path(checkpoint_log) if checkpoint_log is not None else None
         self._writer = RecordWriter(self._append_entries)
+        self.availability = Availability(self._probe)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._signer: threading.Thread | None = None
@@ -117,6 +125,43 @@ class AuditStore:
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
 
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[sa.Connection]:
+        """A connection; a database that cannot be used raises StoreUnavailable (and starts an outage)."""
+        try:
+            with self._engine.connect() as conn:
+                yield conn
+        except sa.exc.DBAPIError as e:
+            if is_outage(e):
+                raise self.availability.failed(e) from e
+            raise
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[sa.Connection]:
+        """A write transaction (committed on leaving); outages as in ``_reading``."""
+        try:
+            with self._wengine.begin() as conn:
+                yield conn
+        except sa.exc.DBAPIError as e:
+            if is_outage(e):
+                raise self.availability.failed(e) from e
+            raise
+
+    def _probe(self) -> None:
+        """A write that commits nothing new (the append lock taken, the head rewritten as it is); raises
+        while the database cannot take writes."""
+        if self.backend == "sqlite":
+            free = shutil.disk_usage(Path(self._engine.url.database).parent).free
+            if free < SQLITE_PROBE_FREE_BYTES:
+                raise StoreUnavailable(f"disk full: {free} bytes free beside the database")
+        with self._wengine.begin() as conn:
+            lock_head(conn)
+            conn.execute(sa.update(chain_head).where(chain_head.c.id == 1).values(seq=chain_head.c.seq))
+
+    def ensure_available(self) -> None:
+        """Raise StoreUnavailable while an outage lasts (checked before a request does any work)."""
+        self.availability.ensure_available()
+
     def close(self) -> None:
         """Drain the async writer, sign the final head (when a key is set), release connections."""
         with self._lock:
@@ -125,10 +170,14 @@ class AuditStore:
             self._closed = True
         self._stop.set()
         self._writer.close()
+        self.availability.close()
         if self._signer is not None:
             self._signer.join()
         if self._signing_key is not None:
-            self._sign_if_moved()
+            try:
+                self._sign_if_moved()
+            except StoreUnavailable as e:  # the checkpoint is signed by the next run instead
+                log.warning("the final head was not signed: %s", e)
         self._engine.dispose()
 
     def __enter__(self) -> AuditStore:
@@ -141,7 +190,7 @@ class AuditStore:
 
     def _append_entries(self, entries: Sequence[Entry]) -> list[Receipt]:
         try:
-            with self._wengine.begin() as conn:
+            with self._writing() as conn:
                 return append(conn, entries)
         except IntegrityError as e:
             raise RecordError(f"record.id: already stored ({', '.join(x.unplaced.record_id for x in entries)})") from e
@@ -160,23 +209,23 @@ class AuditStore:
 
     def get_record(self, record_id: str, *, tenant) -> dict | None:
         """The record with this id if ``tenant`` may see it (None otherwise: no existence leak)."""
-        with self._engine.connect() as conn:
+        with self._reading() as conn:
             return query.get_record(conn, record_id, tenant)
 
     def list_records(self, *, tenant, **filters) -> Page:
         """Newest first, filtered (``query.list_records`` names the filters); ``next_cursor`` continues."""
-        with self._engine.connect() as conn:
+        with self._reading() as conn:
             return query.list_records(conn, tenant=tenant, **filters)
 
     def redact(self, record_id: str, *, tenant, reason: str, actor: str | None = None) -> Receipt:
         """Erase a request's payload; a redaction record (chained) says who, why and which hash."""
-        with self._wengine.begin() as conn:
+        with self._writing() as conn:
             return erasure.redact(conn, record_id, tenant=tenant, reason=reason, actor=actor)
 
     def purge_payloads(self, *, before, tenant=ALL_TENANTS, actor: str | None = None) -> int:
         """Retention: erase the payloads of request records created before ``before``; one retention
         record lists them. Returns how many were erased."""
-        with self._wengine.begin() as conn:
+        with self._writing() as conn:
             return erasure.purge_payloads(conn, before=before, tenant=tenant, actor=actor)
 
     # -- API keys -------------------------------------------------------------------------------
@@ -187,47 +236,67 @@ class AuditStore:
         """A new key for ``tenant``: returns (token, key). The token is shown once, stored hashed.
         ``token`` imports a configured one (the bootstrap admin key); importing the same token
         again returns the stored key."""
-        with self._wengine.begin() as conn:
+        with self._writing() as conn:
             return keys.create_key(conn, tenant=tenant, name=name, admin=admin, rate_limit_per_min=rate_limit_per_min,
                                    max_concurrency=max_concurrency, actor=actor, token=token)
 
     def list_keys(self, *, tenant=ALL_TENANTS, include_revoked: bool = True) -> list[ApiKey]:
-        with self._engine.connect() as conn:
+        with self._reading() as conn:
             return keys.list_keys(conn, tenant=tenant, include_revoked=include_revoked)
 
     def revoke_key(self, key_id: str, *, tenant=ALL_TENANTS, actor: str | None = None) -> ApiKey:
         """Revoke (idempotent: an already revoked key is returned unchanged, with no new record)."""
-        with self._wengine.begin() as conn:
+        with self._writing() as conn:
             return keys.revoke_key(conn, key_id, tenant=tenant, actor=actor)
 
     def keys_ever_created(self) -> bool:
         """Whether this store has ever held an API key (``keys.keys_ever_created``)."""
-        with self._engine.connect() as conn:
+        with self._reading() as conn:
             return keys.keys_ever_created(conn)
 
     def verify_key(self, token: str) -> ApiKey | None:
         """The active key this token is, or None (unknown, malformed, wrong secret, or revoked)."""
-        with self._engine.connect() as conn:
+        with self._reading() as conn:
             return keys.verify_key(conn, token)
 
     # -- rules and rulebooks (``rules``) -----------------------------------------------------------
 
     def create_rule_version(self, **kwargs) -> rules.StoredRule:
         """A rule's or rulebook's next version (``rules.create_version``), with its chained record."""
-        with self._wengine.begin() as conn:
+        with self._writing() as conn:
             return rules.create_version(conn, **kwargs)
 
     def retire_rule(self, **kwargs) -> rules.StoredRule:
-        with self._wengine.begin() as conn:
+        with self._writing() as conn:
             return rules.retire(conn, **kwargs)
 
     def get_rule(self, *, tenant: str, label: str) -> rules.StoredRule | None:
-        with self._engine.connect() as conn:
+        with self._reading() as conn:
             return rules.get_rule(conn, tenant=tenant, label=label)
 
     def list_rules(self, *, tenant: str, include_retired: bool = False) -> list[rules.StoredRule]:
-        with self._engine.connect() as conn:
+        with self._reading() as conn:
             return rules.list_rules(conn, tenant=tenant, include_retired=include_retired)
+
+    # -- backup -------------------------------------------------------------------------------------
+
+    def backup(self, dest: str | os.PathLike) -> None:
+        """Copy an SQLite store to the new file ``dest`` with SQLite's online backup API: a consistent
+        snapshot while the server keeps writing. A PostgreSQL store is backed up with ``pg_dump``
+        (docs/server.md, "Backup and restore")."""
+        if self.backend != "sqlite":
+            raise ValueError("backup: a PostgreSQL store is backed up with pg_dump --format=custom, "
+                             "restored with pg_restore")
+        dest = Path(dest)
+        if dest.exists():
+            raise ValueError(f"backup: {dest} exists; a backup goes to a new file")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        target = sqlite3.connect(dest)
+        try:
+            with self._reading() as conn:
+                conn.connection.driver_connection.backup(target)
+        finally:
+            target.close()
 
     # -- signing and verification ---------------------------------------------------------------
 
@@ -235,13 +304,13 @@ class AuditStore:
         """Sign the last record's (seq, chain_hash) now; None when the store is empty."""
         if self._signing_key is None:
             raise RuntimeError("sign_head: the store was opened without signing_key_path")
-        with self._engine.connect() as conn:
+        with self._reading() as conn:
             last = conn.execute(sa.select(audit_records.c.seq, audit_records.c.chain_hash)
                                 .order_by(audit_records.c.seq.desc()).limit(1)).first()
         if last is None:
             return None
         cp = Checkpoint.sign(self._signing_key, last.seq, last.chain_hash, now_us())
-        with self._wengine.begin() as conn:
+        with self._writing() as conn:
             conn.execute(sa.insert(chain_signatures).values(
                 seq=cp.seq, chain_hash=cp.chain_hash, signed_us=cp.signed_us, key_id=cp.key_id,
                 signature=cp.signature))
@@ -252,7 +321,7 @@ class AuditStore:
     def _sign_if_moved(self) -> None:
         """Sign unless this key already signed the head (replicas sharing a key sign it once)."""
         kid = key_id(self._signing_key.public_key())
-        with self._engine.connect() as conn:
+        with self._reading() as conn:
             head = conn.execute(sa.select(chain_head.c.seq)).scalar_one()
             signed = conn.execute(sa.select(sa.func.max(chain_signatures.c.seq))
                                   .where(chain_signatures.c.key_id == kid)).scalar()
@@ -263,6 +332,8 @@ class AuditStore:
         while not self._stop.wait(interval):
             try:
                 self._sign_if_moved()
+            except StoreUnavailable:  # said once by the outage; the tick after it ends signs
+                pass
             except Exception:  # a database hiccup must not kill the signer; the next tick retries
                 log.exception("signing the audit chain head failed")
 
@@ -280,14 +351,14 @@ class AuditStore:
         own key), with ``checkpoints`` kept outside the database (``read_checkpoint_log``)."""
         trusted = self._trusted(public_keys)
         options = {"isolation_level": "REPEATABLE READ"} if self.backend == "postgresql" else {}
-        with self._engine.connect().execution_options(**options) as conn, conn.begin():
+        with self._reading() as conn, conn.execution_options(**options).begin():
             return verification.verify_chain(conn, trusted, checkpoints, chunk)
 
     def verify_record(self, record_id: str, *, tenant, public_keys: Iterable[Any] | None = None,
                       checkpoints: Iterable[Checkpoint] = ()) -> RecordProof:
         """Check one record up to the trusted checkpoint that commits to it (``verification.verify_record``)."""
         trusted = self._trusted(public_keys)
-        with self._engine.connect() as conn:
+        with self._reading() as conn:
             return verification.verify_record(conn, record_id, tenant=tenant, trusted=trusted,
                                               checkpoints=checkpoints)
 
