@@ -91,6 +91,22 @@ def test_a_sharded_checkpoint_is_identified_by_its_sha256sum_listing(tmp_path):
     assert [name for name, _ in found.files] == sorted(p.name for p in tmp_path.iterdir())
 
 
+def test_a_merged_model_is_identified_by_its_base_gguf_and_adapter(tmp_path):
+    """The default model's folder (model/default_model.py) is a GGUF base merged with a LoRA adapter here:
+    its provenance.json names both inputs, and the identity is theirs."""
+    from localist.model.finetune import ADAPTER_WEIGHTS
+
+    gguf, adapter = "b" * 64, "c" * 64
+    (tmp_path / "model.safetensors").write_bytes(b"merged on this host")
+    (tmp_path / "provenance.json").write_text(json.dumps({
+        "base": {"source": {"format": "gguf", "file": "base.gguf", "sha256": gguf}, "dtype": "float32"},
+        "adapter": {"sha256": adapter, "config": {}}, "dtype": "float32"}))
+    found = checkpoint(tmp_path)
+    assert found.format == "gguf+lora" and found.files == ((ADAPTER_WEIGHTS, adapter), ("base.gguf", gguf))
+    listing = f"{adapter}  {ADAPTER_WEIGHTS}\n{gguf}  base.gguf\n"
+    assert found.sha256 == hashlib.sha256(listing.encode()).hexdigest()
+
+
 def test_a_converted_gguf_is_identified_by_the_gguf_file(smollm2_f32):
     """Not by the converted weights: the conversion (``localist import``, cached across runs by
     tests/test_real_model.py) writes provenance.json naming the GGUF's sha256. The served case:
