@@ -1,4 +1,4 @@
-"""The shipped default model: size, loading, ρ = 0 is the stock LM, and the card's table reproduces."""
+"""The fast test model models/localist-tiny: size, loading, ρ = 0 is the stock LM, and the card's table reproduces."""
 import gc
 import json
 import os
