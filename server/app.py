@@ -15,7 +15,7 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from localist.model.blocks import MAX_BLOCKS
-from localist.server import errors
+from localist.server import errors, transport
 from localist.server.auth import DevMode, Limiter
 from localist.server.observability import Prometheus, RequestIdMiddleware
 from localist.server.routers import audit, keys, ops, openai_api, rules
@@ -46,6 +46,8 @@ class Settings:
     host: str | None = None  # the address served on; None (not known) counts as reachable from the network
     allow_dev_mode_on_network: bool = False  # else dev mode on a non-loopback host refuses to start
     seed: int = 0
+    max_header_bytes: int = transport.MAX_HEADER_BYTES  # request line and headers; 431 above
+    max_body_bytes: int = transport.MAX_BODY_BYTES  # 413 above
     ready_message: str | None = None  # printed once the engine is up (how to call the server)
     engine_overrides: dict = field(default_factory=dict)  # vLLM engine flags given to `localist serve`
 
@@ -113,12 +115,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.prometheus = Prometheus()
     app.state.limiter = Limiter()
     errors.install(app)
-    app.add_middleware(RequestIdMiddleware, prometheus=app.state.prometheus)
-    app.include_router(openai_api.router)
-    app.include_router(audit.router)
-    app.include_router(keys.router)
-    app.include_router(rules.router)
-    app.include_router(ops.router)
+    transport.install(app, settings.max_header_bytes if settings else transport.MAX_HEADER_BYTES,
+                      settings.max_body_bytes if settings else transport.MAX_BODY_BYTES)
+    app.add_middleware(RequestIdMiddleware, prometheus=app.state.prometheus)  # outermost: ids every answer
+    for router in (openai_api.router, audit.router, keys.router, rules.router, ops.router):
+        app.include_router(router, responses=transport.RESPONSES)
     return app
 
 
@@ -139,6 +140,8 @@ def settings_from_env() -> Settings:
         admin_token=env.get("LOCALIST_ADMIN_KEY") or None,
         host=env.get("LOCALIST_HOST") or None,
         allow_dev_mode_on_network=env.get("LOCALIST_ALLOW_DEV_MODE_ON_NETWORK") == "1",
+        max_header_bytes=int(env.get("LOCALIST_MAX_HEADER_BYTES", str(transport.MAX_HEADER_BYTES))),
+        max_body_bytes=int(env.get("LOCALIST_MAX_BODY_BYTES", str(transport.MAX_BODY_BYTES))),
     )
 
 

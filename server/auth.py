@@ -45,6 +45,20 @@ def is_loopback(host: str | None) -> bool:
         return False
 
 
+def _where(host: str | None) -> str:
+    return repr(host) if host is not None else "an address not known to be loopback"
+
+
+def dev_mode_refusal(host: str | None, allow_on_network: bool) -> str | None:
+    """Why dev mode may not serve on ``host`` (None: not known), or None where it may."""
+    if is_loopback(host) or allow_on_network:
+        return None
+    return (f"refusing to start in local dev mode on {_where(host)}: this audit store has never held an API key, "
+            "so every caller would be the admin of every tenant, and that address is reachable from other "
+            "machines. Create a key first (`localist keys create --tenant admin --admin`, or set "
+            "LOCALIST_ADMIN_KEY), serve on 127.0.0.1, or pass --allow-dev-mode-on-network to accept this.")
+
+
 class DevMode:
     """Whether the server runs in local dev mode: only while its audit store has never held a key.
 
@@ -65,17 +79,14 @@ class DevMode:
         if not dev.on:
             log.info("authentication on: this audit store has had API keys, so every request needs one")
             return dev
-        where = repr(host) if host is not None else "an address not known to be loopback"
-        if not is_loopback(host) and not allow_on_network:
-            raise DevModeRefused(
-                f"refusing to start in local dev mode on {where}: this audit store has never held an API key, "
-                "so every caller would be the admin of every tenant, and that address is reachable from other "
-                "machines. Create a key first (`localist keys create --tenant admin --admin`, or set "
-                "LOCALIST_ADMIN_KEY), serve on 127.0.0.1, or pass --allow-dev-mode-on-network to accept this.")
+        refusal = dev_mode_refusal(host, allow_on_network)
+        if refusal is not None:
+            raise DevModeRefused(refusal)
         log.warning("=" * 78)
         log.warning(DEV_MODE_BANNER)
         if not is_loopback(host):
-            log.warning("Dev mode is served on %s, reachable from the network (--allow-dev-mode-on-network).", where)
+            log.warning("Dev mode is served on %s, reachable from the network (--allow-dev-mode-on-network).",
+                        _where(host))
         log.warning("=" * 78)
         return dev
 

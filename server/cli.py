@@ -79,6 +79,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from localist.server.app import Settings, create_app
     from localist.server.engine_flags import engine_overrides
+    from localist.server.transport import H11Protocol
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -136,10 +137,28 @@ def _serve(args: argparse.Namespace) -> int:
         default_rho=args.default_rho, max_blocks=args.max_blocks,
         admin_token=os.environ.get("LOCALIST_ADMIN_KEY") or None, ready_message=ready, host=args.host,
         allow_dev_mode_on_network=args.allow_dev_mode_on_network, engine_overrides=overrides,
+        **{limit: getattr(args, limit) for limit in ("max_header_bytes", "max_body_bytes") if getattr(args, limit)},
     )
+    refusal = _dev_mode_refusal(settings)
+    if refusal is not None:
+        print(f"localist serve: {refusal}", file=sys.stderr)
+        return 2
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=10)
+                timeout_graceful_shutdown=10, http=H11Protocol, h11_max_incomplete_event_size=settings.max_header_bytes)
     return 0
+
+
+def _dev_mode_refusal(settings) -> str | None:
+    """The refusal to start in dev mode on a network address, found before uvicorn starts: one line on
+    stderr, where the app's start-up (which refuses too, under `uvicorn --factory`) ends in a traceback."""
+    from localist.server.auth import dev_mode_refusal
+    from localist.server.store import AuditStore
+
+    refusal = None if settings.admin_token else dev_mode_refusal(settings.host, settings.allow_dev_mode_on_network)
+    if refusal is None:
+        return None
+    with AuditStore(settings.db_url) as store:
+        return None if store.keys_ever_created() else refusal
 
 
 def _store(args: argparse.Namespace):
@@ -275,6 +294,11 @@ def _add_serve_flags(serve) -> None:
     serve.add_argument("--max-model-len", type=_positive, default=2048)
     serve.add_argument("--default-rho", type=_unit, default=0.0, help="dial for requests that give none")
     serve.add_argument("--max-blocks", type=_positive, default=64)
+    # the defaults are the app's (server/transport.py), which this module does not import until it serves
+    serve.add_argument("--max-header-bytes", type=_positive,
+                       help="largest request header section (request line and headers); larger: 431 (default 16384)")
+    serve.add_argument("--max-body-bytes", type=_positive,
+                       help="largest request body, chunked ones too; larger: 413 (default 4194304, 4 MiB)")
     serve.add_argument("--log-level", default="info", help="the HTTP server's log level")
 
 

@@ -25,7 +25,7 @@ log = logging.getLogger("localist.server")
 _TYPES = {
     400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
     405: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
-    415: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
+    415: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error", 431: "invalid_request_error",
 }
 DOMAIN_ERRORS = (BlockError, InvalidRequest, AlreadyRedacted, RecordError, UnknownModel, NotFound, Conflict, EngineUnavailable,
                  StoreUnavailable, GenerationFailed, ClientDisconnected)

@@ -109,6 +109,9 @@ def chat_table(engine: Engine, req: C.ChatCompletionRequest, max_blocks: int,
     conversation."""
     blocks = req.blocks or []
     _check_specs(blocks, "chat")
+    if len(req.messages) + 2 > max_blocks:  # a block per message, the sink and the response, at least
+        raise BlockError("messages", f"{len(req.messages)} messages make at least {len(req.messages) + 2} blocks "
+                         f"(one per message, the sink, the response), over the limit of {max_blocks}")
     messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in req.messages]
     spans: dict[int, list[Span]] = {}
     by_message: dict[int, list[tuple[int, C.BlockSpec]]] = {}

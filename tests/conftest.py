@@ -47,21 +47,41 @@ class LocalistServer:
 
     def sql(self, statement: str, **params):
         """Run SQL on the audit database directly (what an attacker holding the database could do)."""
-        import sqlalchemy as sa
+        return run_sql(self.db_url, statement, **params)
 
-        engine = sa.create_engine(self.db_url)
-        try:
-            with engine.begin() as conn:
-                result = conn.execute(sa.text(statement), params)
-                return result.all() if result.returns_rows else None
-        finally:
-            engine.dispose()
+
+def run_sql(db_url: str, statement: str, **params):
+    """One statement on a database, in its own transaction: the rows, or None."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            result = conn.execute(sa.text(statement), params)
+            return result.all() if result.returns_rows else None
+    finally:
+        engine.dispose()
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def ports_in(ports: range, n: int = 1) -> list[int]:
+    """``n`` ports of ``ports`` free on 127.0.0.1 now, for tests whose servers keep to a range of their own."""
+    found = []
+    for port in ports:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        found.append(port)
+        if len(found) == n:
+            return found
+    pytest.fail(f"fewer than {n} free ports in {ports.start}-{ports.stop - 1}")
 
 
 def server_env(home: Path) -> dict[str, str]:
@@ -73,11 +93,13 @@ def server_env(home: Path) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def serving(args: list[str], port: int, log_path: Path, home: Path) -> Iterator[subprocess.Popen]:
-    """``localist serve ARGS --port PORT`` as a subprocess, yielded once /health answers 200; stopped after."""
+def serving(args: list[str], port: int, log_path: Path, home: Path,
+            env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
+    """``localist serve ARGS --port PORT`` as a subprocess (``env`` added to server_env's), yielded once
+    /health answers 200; stopped after."""
     cmd = [sys.executable, "-m", "localist.clients.cli", "serve", *args, "--port", str(port)]
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=server_env(home))
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=server_env(home) | (env or {}))
 
     def tail() -> str:
         return log_path.read_text(errors="replace")[-6000:]

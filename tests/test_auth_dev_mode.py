@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 
-from conftest import MODEL_NAME, server_env, serving
+from conftest import MODEL_NAME, ports_in, server_env, serving
 from localist.server.app import Settings, start_auth
 from localist.server.auth import DEV_MODE_ENDED, DevModeRefused
 from localist.server.store import AuditStore
@@ -165,8 +164,10 @@ def test_serve_refuses_dev_mode_on_a_network_address(tmp_path, model_dir):
     out = subprocess.run([sys.executable, "-m", "localist.clients.cli", "serve", "--model", str(model_dir),
                           "--host", "192.0.2.1", "--port", str(PORTS[-1]), "--db", f"sqlite:///{tmp_path / 'a.db'}"],
                          capture_output=True, text=True, env=server_env(tmp_path / "home"), timeout=300)
-    assert out.returncode != 0
-    assert "refusing to start in local dev mode on '192.0.2.1'" in out.stderr + out.stdout
+    assert out.returncode == 2
+    (line,) = [line for line in out.stderr.splitlines() if "refusing" in line]  # one line, no traceback
+    assert line.startswith("localist serve: refusing to start in local dev mode on '192.0.2.1'"), out.stderr
+    assert "Traceback" not in out.stderr + out.stdout
 
 
 # -- real servers ---------------------------------------------------------------------------------
@@ -177,20 +178,6 @@ def model_dir(tmp_path_factory):
     from localist.model.tiny import make_tiny_checkpoint
 
     return make_tiny_checkpoint(tmp_path_factory.mktemp("dev-mode-model") / MODEL_NAME)
-
-
-def free_ports(n: int) -> list[int]:
-    found = []
-    for port in PORTS:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        found.append(port)
-        if len(found) == n:
-            return found
-    raise RuntimeError(f"fewer than {n} free ports in {PORTS}")
 
 
 def serve_args(model_dir: Path, db_url: str) -> list[str]:
@@ -244,7 +231,7 @@ def assert_authenticated_and_isolated(base: str, tokens: dict[str, str], records
 
 def test_keys_created_by_the_cli_end_dev_mode_of_the_running_server(model_dir, tmp_path):
     """The issue's sequence: serve a fresh store, create keys with the CLI while it runs."""
-    db_url, home, (port,) = f"sqlite:///{tmp_path / 'audit.db'}", tmp_path / "home", free_ports(1)
+    db_url, home, (port,) = f"sqlite:///{tmp_path / 'audit.db'}", tmp_path / "home", ports_in(PORTS)
     base = f"http://127.0.0.1:{port}"
     with serving(serve_args(model_dir, db_url), port, tmp_path / "server.log", home):
         assert health_dev_mode(base) is True
@@ -265,7 +252,7 @@ def test_keys_created_by_the_cli_end_dev_mode_of_the_running_server(model_dir, t
 def test_a_key_created_through_one_replica_ends_dev_mode_on_both(model_dir, pg_admin_url, tmp_path):
     """Two servers on one PostgreSQL database: the first key, created through server A's API in dev
     mode, closes server B too; B never saw that request."""
-    db_url, ports = fresh_database(pg_admin_url), free_ports(2)
+    db_url, ports = fresh_database(pg_admin_url), ports_in(PORTS, 2)
     a, b = (f"http://127.0.0.1:{p}" for p in ports)
     with serving(serve_args(model_dir, db_url), ports[0], tmp_path / "a.log", tmp_path / "home"), \
             serving(serve_args(model_dir, db_url), ports[1], tmp_path / "b.log", tmp_path / "home"):

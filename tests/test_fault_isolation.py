@@ -13,15 +13,12 @@ import asyncio
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
 import psutil
 import pytest
-from conftest import MODEL_NAME, STARTUP_TIMEOUT_S, LocalistServer, server_env
+from conftest import MODEL_NAME, STARTUP_TIMEOUT_S, LocalistServer, ports_in, serving
 
 from localist.server.store import AuditStore
 
@@ -30,24 +27,6 @@ PORTS = range(18220, 18240)
 RULES = [{"label": "R1", "kind": "rule", "text": "Rule R1: A loan above 50000 EUR requires a second approval."}]
 FAULTY = [{"label": FAULT, "kind": "rule", "text": "Rule F: this block makes the worker raise."}]
 MESSAGES = [{"role": "user", "content": "Is a loan of 60000 EUR allowed with one approval?"}]
-
-
-def _port() -> int:
-    for port in PORTS:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    pytest.fail(f"no free port in {PORTS.start}-{PORTS.stop - 1}")
-
-
-def _healthy(base_url: str) -> bool:
-    try:
-        return httpx.get(base_url + "/health", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -59,28 +38,12 @@ def server(tmp_path_factory) -> LocalistServer:
     db_url = f"sqlite:///{root / 'audit.db'}"
     with AuditStore(db_url) as store:
         admin_key, _ = store.create_key(tenant="admin", name="test admin", admin=True, actor="test")
-    port = _port()
+    (port,) = ports_in(PORTS)
     log_path = root / "server.log"
-    cmd = [sys.executable, "-m", "localist.clients.cli", "serve", "--model", str(model_dir), "--name", MODEL_NAME,
-           "--port", str(port), "--db", db_url, "--no-signing", "--max-model-len", "1024"]
-    env = server_env(root / "home") | {"LOCALIST_FAULT_LABEL": FAULT}
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    srv = LocalistServer(f"http://127.0.0.1:{port}", admin_key, admin_key, "admin", MODEL_NAME, model_dir, db_url,
-                         root / "unused.pem", root / "home", log_path, proc)
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while not _healthy(srv.base_url):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"localist serve did not start:\n{srv.log_tail()}")
-        time.sleep(1)
-    yield srv
-    proc.terminate()
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    args = ["--model", str(model_dir), "--name", MODEL_NAME, "--db", db_url, "--no-signing", "--max-model-len", "1024"]
+    with serving(args, port, log_path, root / "home", {"LOCALIST_FAULT_LABEL": FAULT}) as proc:
+        yield LocalistServer(f"http://127.0.0.1:{port}", admin_key, admin_key, "admin", MODEL_NAME, model_dir, db_url,
+                             root / "unused.pem", root / "home", log_path, proc)
 
 
 @pytest.fixture

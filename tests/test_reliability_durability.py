@@ -17,7 +17,7 @@ import time
 import httpx
 import psutil
 import pytest
-from conftest import MODEL_NAME, serving
+from conftest import MODEL_NAME, ports_in, run_sql, serving
 from reliability_figures import FULL, record
 
 from localist.server.store import AuditStore
@@ -27,17 +27,6 @@ CLIENTS = 32
 ACKNOWLEDGED_BEFORE_KILL = 120 if FULL else 40
 RULES = [{"label": "R1", "kind": "rule", "text": "Rule R1: a loan above 50000 EUR needs a second approval."},
          {"label": "D1", "kind": "document", "text": "Document D1: the applicant asks for 60000 EUR."}]
-
-
-def _port() -> int:
-    for port in PORTS:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    pytest.fail(f"no free port in {PORTS.start}-{PORTS.stop - 1}")
 
 
 class Deployment:
@@ -58,7 +47,7 @@ class Deployment:
     @contextlib.contextmanager
     def server(self):
         self.runs += 1
-        port = _port()
+        (port,) = ports_in(PORTS)
         args = ["--model", str(self.model_dir), "--name", MODEL_NAME, "--db", self.db_url,
                 "--signing-key", str(self.signing_key(self.runs)), "--sign-interval", "1", "--max-model-len", "512"]
         started = time.monotonic()
@@ -190,15 +179,7 @@ def _snapshot(dep, seq: int) -> dict:
 
 
 def _sql(dep, statement: str, **params):
-    import sqlalchemy as sa
-
-    engine = sa.create_engine(dep.db_url)
-    try:
-        with engine.begin() as conn:
-            result = conn.execute(sa.text(statement), params)
-            return result.all() if result.returns_rows else None
-    finally:
-        engine.dispose()
+    return run_sql(dep.db_url, statement, **params)
 
 
 def _restore(dep, snapshot: dict) -> None:

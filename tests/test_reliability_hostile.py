@@ -33,7 +33,6 @@ class Hostile:
     raw: bytes | None = None  # sent as is instead of `body`
     query: dict = field(default_factory=dict)
     headers: dict = field(default_factory=dict)
-    defect: str | None = None  # a known server defect: the case is expected to fail (xfail, strict)
 
 
 def _cursor(value) -> str:
@@ -139,8 +138,7 @@ CASES = [
     # -- prompts over the context (the server runs --max-model-len 512) -----------------------------------
     Hostile(P, {"messages": [{"role": "user", "content": "word " * 600}]}, param="messages"),
     Hostile(P, {"messages": [{"role": "user", "content": "x" * 200_000}]}, param="messages"),
-    Hostile(P, {"messages": [{"role": "user", "content": "hi"}] * 2000}, param="messages",
-            defect="2000 messages are refused naming `blocks` (each message is a block), not `messages`"),
+    Hostile(P, {"messages": [{"role": "user", "content": "hi"}] * 2000}, param="messages"),
     Hostile(P, {"blocks": [{"label": "R1", "text": "rule " * 600}]}, param="messages"),
     Hostile(P, {"max_tokens": 512}, param="max_tokens"),
     Hostile(P, {"max_tokens": 2**31}, param="max_tokens"),
@@ -167,13 +165,13 @@ CASES = [
     # -- invalid UTF-8 -------------------------------------------------------------------------------------
     Hostile(U, raw=_chat_raw(b"\xff\xfe"), param=None),
     Hostile(U, raw=_chat_raw(b"\xc0\xaf"), param=None),
-    Hostile(U, raw=_chat_raw(b"\xed\xa0\x80"), param="messages[0].content", defect="a lone surrogate reaches the tokenizer: 500 TypeError"),
+    Hostile(U, raw=_chat_raw(b"\xed\xa0\x80"), param="messages[0].content"),
     Hostile(U, raw=_chat_raw(b"\xe2\x82"), param=None),
     Hostile(U, raw=_chat_raw(b"\xf8\x88\x80\x80\x80"), param=None),
     Hostile(U, raw=_chat_raw(b"ok") + b"\x80", param=None),
     Hostile(U, raw=b"\xef\xbb\xbf" + VALID_CHAT, status=200),
-    Hostile(U, raw=_chat_raw(b"\\ud800 lone surrogate"), param="messages[0].content", defect="a lone surrogate reaches the tokenizer: 500 TypeError"),
-    Hostile(U, raw=_chat_raw(b"\\udfff\\ud800"), param="messages[0].content", defect="a lone surrogate reaches the tokenizer: 500 TypeError"),
+    Hostile(U, raw=_chat_raw(b"\\ud800 lone surrogate"), param="messages[0].content"),
+    Hostile(U, raw=_chat_raw(b"\\udfff\\ud800"), param="messages[0].content"),
     Hostile(U, raw=b'{"model": "{model}", "max_tokens": 1, "messages": [{"role": "user", "content": "x"}], '
                    b'"blocks": [{"label": "\\ud800", "text": "x"}]}', param="blocks[0].label"),
     Hostile(U, raw=_chat_raw(b"nul \\u0000 byte"), status=200),
@@ -220,7 +218,9 @@ CASES = [
     Hostile(F, method="GET", path=AUDIT, query={"cursor": _cursor({"before": 10**30})}, param="cursor"),
     Hostile(F, method="GET", path=AUDIT, query={"cursor": _cursor({"before": 2**63})}, param="cursor"),
     Hostile(F, method="GET", path=AUDIT, query={"cursor": _cursor([1, 2])}, param="cursor"),
-    Hostile(F, method="GET", path=AUDIT, query={"cursor": "x" * 60_000}, param="cursor"),
+    Hostile(F, method="GET", path=AUDIT, query={"cursor": "x" * 10_000}, param="cursor"),
+    # the request line belongs to the header section, whose size the server bounds (16 KiB)
+    Hostile(F, method="GET", path=AUDIT, query={"cursor": "x" * 60_000}, status=431),
     Hostile(F, method="GET", path=AUDIT, query={"kind": "xyz"}, param="kind"),
     Hostile(F, method="GET", path=AUDIT, query={"status": "' OR 1=1 --"}, param="status"),
     Hostile(F, method="GET", path=AUDIT, query={"block": "' OR '1'='1"}, status=200),
@@ -270,15 +270,13 @@ CASES = [
     Hostile(A, method="POST", path="/v1/keys", body={"tenant": "x", "admin": True}, status=401,
             headers={"authorization": "Bearer lk_0000000000000000_" + "x" * 40}),
     Hostile(A, method="GET", path="/v1/models", status=200, headers={"x-request-id": "<script>" * 200}),
-    Hostile(A, method="GET", path="/v1/models", status=431, headers={"x-big": "h" * 200_000},
-            defect="no limit on the header section (uvicorn httptools): 200, not 431"),
-    Hostile(A, method="GET", path="/v1/models", status=431, headers={f"x-h{i}": "v" * 100 for i in range(2000)},
-            defect="no limit on the header section (uvicorn httptools): 200, not 431"),
+    Hostile(A, method="GET", path="/v1/models", status=431, headers={"x-big": "h" * 200_000}),
+    Hostile(A, method="GET", path="/v1/models", status=431, headers={f"x-h{i}": "v" * 100 for i in range(2000)}),
     Hostile(A, method="POST", path="/v1/keys", body={"tenant": "", "name": "x"}, param="tenant"),
     Hostile(A, method="POST", path="/v1/keys", body={"tenant": "t", "rate_limit_per_min": -1},
             param="rate_limit_per_min"),
     Hostile(A, method="POST", path="/v1/keys", body={"tenant": "t", "max_concurrency": 10**30},
-            param="max_concurrency", defect="no upper bound: 500 OverflowError in the key store"),
+            param="max_concurrency"),
     Hostile(A, method="POST", path="/v1/keys", body={"tenant": "t", "admin": "yes"}, param="admin"),
 ]
 
@@ -327,18 +325,14 @@ def test_the_corpus_covers_every_category():
     assert len(CASES) >= 200 and min(per.values()) >= 10, per
 
 
-def _params() -> list:
-    return [pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=c.defect)) if c.defect else c for c in CASES]
-
-
-@pytest.mark.parametrize("case", _params(), ids=_ids())
+@pytest.mark.parametrize("case", CASES, ids=_ids())
 def test_hostile_request(localist_server, case):
     before = _request_count(localist_server)
     r = _send(localist_server, case)
     TALLY[case.category][f"{r.status_code // 100}xx" if r.status_code else "closed"] += 1
     assert r.status_code < 500, r.text[:2000]
-    if case.status == 431:  # a header section over the limit: 431, 400 or a closed connection
-        assert r.status_code in (431, 400, 0), r.status_code
+    if case.status == 431:  # a header section over the limit: 431, or closed while the client still sends it
+        assert r.status_code in (431, 0), r.status_code
     else:
         assert r.status_code == case.status, r.text[:2000]
     if r.status_code >= 400 and r.headers.get("content-type", "").startswith("application/json"):

@@ -9,14 +9,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import time
 
 import httpx
 import psutil
 import pytest
 import sqlalchemy as sa
-from conftest import MODEL_NAME, serving
+from conftest import MODEL_NAME, ports_in, serving
 from reliability_figures import FULL, record
 
 from localist.server.store import AuditStore
@@ -28,17 +27,6 @@ WARMUP_S = float(os.environ.get("LOCALIST_SOAK_WARMUP_S", "120"))
 WORKERS = 8
 PORTS = range(18340, 18360)
 RULES = [{"label": "R1", "kind": "rule", "text": "Rule R1: A loan above 50000 EUR needs a second approval."}]
-
-
-def _port() -> int:
-    for port in PORTS:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    pytest.fail(f"no free port in {PORTS.start}-{PORTS.stop - 1}")
 
 
 def _rss_mb(proc: psutil.Process) -> float:
@@ -113,7 +101,7 @@ def test_soak(tmp_path):
     db_url = f"sqlite:///{tmp_path / 'audit.db'}"
     with AuditStore(db_url) as store:
         key, _ = store.create_key(tenant="soak", name="soak", actor="test")
-    port = _port()
+    (port,) = ports_in(PORTS)
     base = f"http://127.0.0.1:{port}"
     args = ["--model", str(model_dir), "--name", MODEL_NAME, "--db", db_url, "--signing-key",
             str(tmp_path / "signing.pem"), "--sign-interval", "5", "--max-model-len", "512"]

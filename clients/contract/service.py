@@ -60,12 +60,17 @@ class Health(WireModel):
                            "is the admin of tenant `default`. False for good once any process created a key.")
 
 
+STORED_INT_MAX = 2**31 - 1  # the audit store's INTEGER columns (32-bit in PostgreSQL)
+
+
 class KeyCreate(RequestModel):
     tenant: str = Field(min_length=1, max_length=128)
     name: str | None = Field(None, min_length=1, max_length=256)
     admin: bool = Field(False, description="May manage keys and read every tenant's records.")
-    rate_limit_per_min: int | None = Field(None, ge=1, description="Requests per minute (per server process).")
-    max_concurrency: int | None = Field(None, ge=1, description="Concurrent generations (per server process).")
+    rate_limit_per_min: int | None = Field(None, ge=1, le=STORED_INT_MAX,
+                                           description="Requests per minute (per server process).")
+    max_concurrency: int | None = Field(None, ge=1, le=STORED_INT_MAX,
+                                        description="Concurrent generations (per server process).")
 
 
 class KeyInfo(WireModel):

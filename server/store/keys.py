@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from localist.clients.contract.service import STORED_INT_MAX
+
 from .chain import append, lock_head, now_us
 from .query import ALL_TENANTS
 from .records import MAX_TENANT, Entry, NotFound, RecordError, check_str, make_entry, sha256_hex
@@ -79,8 +81,8 @@ def token_matches(token: str, stored_hash: str) -> bool:
 def check_limit(value, name: str) -> int | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise RecordError(f"{name}: must be a positive integer or null, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= STORED_INT_MAX:
+        raise RecordError(f"{name}: must be an integer in [1, {STORED_INT_MAX}] or null, got {value!r}")
     return value
 
 
