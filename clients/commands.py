@@ -15,11 +15,11 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, TextIO, TypeVar
+from typing import Any, TextIO, TypeVar, get_args
 
 from .client import Client
 from .errors import LocalistError
-from .contract import AuditRecord, AuditSummary, ChoiceMetrics, LocalistResult, ReplayResult, VerifyResult
+from .contract import AuditRecord, AuditSummary, ChoiceMetrics, DialScope, LocalistResult, ReplayResult, VerifyResult
 
 BAR_WIDTH = 24
 T = TypeVar("T")
@@ -54,6 +54,8 @@ def render_metrics(result: LocalistResult, choice: int = 0) -> str:
     dial = f"ρ = {rho[0]:g}" if len(set(rho)) == 1 else "ρ per layer = " + ", ".join(f"{r:g}" for r in rho)
     if result.locality.preset:
         dial += f" ({result.locality.preset})"
+    if result.locality.scope:
+        dial += f", scope {result.locality.scope}"
     lines = [f"audit {result.audit_id}   {dial}   level {result.audit}"]
     metrics: ChoiceMetrics | None = next((m for m in result.choices if m.index == choice), None)
     label_width = max([5] + [len(b.label) for b in result.blocks])
@@ -233,8 +235,9 @@ def cmd_chat(args) -> int:
     if target is not None and target.isdigit():
         target = int(target)
     request = dict(model=args.model, locality=args.locality, blocks=blocks or None, target_block=target,
-                   audit=args.audit, rules=args.use_rule, anchors="check" if args.check_anchors else None,
-                   max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+                   audit=args.audit, dial_scope=args.dial_scope, rules=args.use_rule,
+                   anchors="check" if args.check_anchors else None, max_tokens=args.max_tokens,
+                   temperature=args.temperature, seed=args.seed)
     with _client(args) as client:
         if args.stream:
             stream = client.chat_stream(messages, **request)
@@ -284,6 +287,12 @@ def render_record(record: AuditRecord) -> str:
         f"chain   content {record.hashes.content[:16]}…  prev {record.hashes.prev[:16]}…"
         + ("   payload REDACTED" if record.redacted else ""),
     ]
+    provenance = record.request.provenance if record.request else None
+    if provenance is not None:
+        lines.append(f"served  checkpoint {provenance.checkpoint_sha256[:16]}… ({provenance.checkpoint_format})   "
+                     f"{provenance.dtype}   attention ISA {provenance.attention_isa}   "
+                     f"TP {provenance.tensor_parallel_size}   vLLM {provenance.vllm_version}   "
+                     f"localist {provenance.localist_version}")
     if record.error:
         lines.append(f"error   {record.error}")
     for choice in record.output.choices if record.output else ():
@@ -351,9 +360,21 @@ def cmd_audit_verify(args) -> int:
     return 0 if _answer(args, lambda client: client.audit.verify(), render_verification).ok else 1
 
 
+def render_provenance_differences(result: ReplayResult) -> list[str]:
+    """What differs between the server that wrote the record and the one that replayed it: said before
+    the outputs are compared, since any of it may explain a difference."""
+    if result.provenance_differences is None:
+        return ["provenance: the record has none (written before records carried it)"]
+    if not result.provenance_differences:
+        return ["provenance: the same as the record's"]
+    return ["provenance DIFFERS from the record's:"] + [
+        f"  {d.field}: {d.recorded} recorded, {d.served} served" for d in result.provenance_differences]
+
+
 def render_replay(result: ReplayResult) -> str:
-    lines = [f"replay {result.replay_id} of {result.record_id}: "
-             + ("every choice reproduced its tokens" if result.matches else "the output DIFFERS")]
+    lines = render_provenance_differences(result)
+    lines += [f"replay {result.replay_id} of {result.record_id}: "
+              + ("every choice reproduced its tokens" if result.matches else "the output DIFFERS")]
     lines += [f"  choice {c.index}: {len(c.original_token_ids)} original token(s), {len(c.replay_token_ids)} replayed, "
               f"{'match' if c.matches else 'MISMATCH'}" for c in result.choices]
     return "\n".join(lines)
@@ -402,6 +423,9 @@ def add_commands(sub) -> None:
     chat.add_argument("--check-anchors", action="store_true",
                       help="probe the anchors of the placed rule/document blocks under the served model")
     chat.add_argument("--audit", choices=["summary", "per_token", "per_layer"], help="detail returned and stored")
+    chat.add_argument("--dial-scope", choices=get_args(DialScope),
+                      help="blocks the dial moves mass between: all unpinned, or the evidence blocks only "
+                      "(default: the model's)")
     chat.add_argument("--tokens", action="store_true", help="also print per-token attribution (needs per_token)")
     chat.add_argument("--max-tokens", type=int, default=64)
     chat.add_argument("--temperature", type=float)

@@ -25,6 +25,7 @@ from .contract import (
     AuditSummary,
     BlockSpec,
     ChatCompletionChunk,
+    DialScope,
     ChatCompletionResponse,
     CompletionResponse,
     Health,
@@ -113,7 +114,8 @@ def _blocks(blocks: Iterable[BlockSpec | Mapping[str, Any]] | None) -> list[dict
     return out
 
 
-def _generation_body(model: str, locality: Locality, blocks, target_block, audit, sampling: dict) -> dict:
+def _generation_body(model: str, locality: Locality, blocks, target_block, audit, dial_scope,
+                     sampling: dict) -> dict:
     body: dict[str, Any] = {"model": model}
     if locality is not None:
         body["locality"] = locality if isinstance(locality, (int, float, str)) else list(locality)
@@ -123,6 +125,8 @@ def _generation_body(model: str, locality: Locality, blocks, target_block, audit
         body["target_block"] = target_block
     if audit is not None:
         body["audit"] = audit
+    if dial_scope is not None:
+        body["dial_scope"] = dial_scope
     body.update({k: v for k, v in sampling.items() if v is not None})
     return body
 
@@ -307,13 +311,13 @@ class _Endpoints:
     @call
     def chat(self, messages: Messages, *, model: str | None = None, locality: Locality = None,
              blocks: Iterable[BlockSpec | Mapping[str, Any]] | None = None, target_block: str | int | None = None,
-             audit: AuditLevel | None = None, max_tokens: int | None = None, temperature: float | None = None,
-             top_p: float | None = None, seed: int | None = None, stop: str | list[str] | None = None,
-             n: int | None = None, **extra: Any) -> Op[ChatCompletionResponse]:
+             audit: AuditLevel | None = None, dial_scope: DialScope | None = None, max_tokens: int | None = None,
+             temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
+             stop: str | list[str] | None = None, n: int | None = None, **extra: Any) -> Op[ChatCompletionResponse]:
         """A chat completion with the locality dial ``locality`` (ρ, a per-layer list or a preset),
-        labelled ``blocks``, the ground-truth ``target_block`` and the ``audit`` level. ``extra`` holds
-        any other OpenAI field, sent as is."""
-        body = _generation_body((yield from self._model(model)), locality, blocks, target_block, audit,
+        labelled ``blocks``, the ground-truth ``target_block``, the ``audit`` level and the ``dial_scope``
+        (default: the model's). ``extra`` holds any other OpenAI field, sent as is."""
+        body = _generation_body((yield from self._model(model)), locality, blocks, target_block, audit, dial_scope,
                                 dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                                      stop=stop, n=n, **extra))
         response = yield Call("POST", "/v1/chat/completions", json=body | {"messages": _messages(messages)})
@@ -322,11 +326,11 @@ class _Endpoints:
     @call
     def complete(self, prompt: str | list[int], *, model: str | None = None, locality: Locality = None,
                  blocks: Iterable[BlockSpec | Mapping[str, Any]] | None = None, target_block: str | int | None = None,
-                 audit: AuditLevel | None = None, max_tokens: int | None = None, temperature: float | None = None,
-                 top_p: float | None = None, seed: int | None = None, stop: str | list[str] | None = None,
-                 n: int | None = None, **extra: Any) -> Op[CompletionResponse]:
+                 audit: AuditLevel | None = None, dial_scope: DialScope | None = None, max_tokens: int | None = None,
+                 temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
+                 stop: str | list[str] | None = None, n: int | None = None, **extra: Any) -> Op[CompletionResponse]:
         """A text completion of ``prompt`` (text or token ids); locality fields as in :meth:`chat`."""
-        body = _generation_body((yield from self._model(model)), locality, blocks, target_block, audit,
+        body = _generation_body((yield from self._model(model)), locality, blocks, target_block, audit, dial_scope,
                                 dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                                      stop=stop, n=n, **extra))
         response = yield Call("POST", "/v1/completions", json=body | {"prompt": prompt})
@@ -336,10 +340,11 @@ class _Endpoints:
     def chat_stream(self, messages: Messages, *, model: str | None = None, locality: Locality = None,
                     blocks: Iterable[BlockSpec | Mapping[str, Any]] | None = None,
                     target_block: str | int | None = None, audit: AuditLevel | None = None,
-                    max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
-                    seed: int | None = None, stop: str | list[str] | None = None, **extra: Any) -> Op[type[WireModel]]:
+                    dial_scope: DialScope | None = None, max_tokens: int | None = None,
+                    temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
+                    stop: str | list[str] | None = None, **extra: Any) -> Op[type[WireModel]]:
         """:meth:`chat`, streamed: a :class:`Stream` of tokens with their attribution."""
-        body = _generation_body((yield from self._model(model)), locality, blocks, target_block, audit,
+        body = _generation_body((yield from self._model(model)), locality, blocks, target_block, audit, dial_scope,
                                 dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                                      stop=stop, **extra))
         yield Call("POST", "/v1/chat/completions", accept="text/event-stream", stream=True,
@@ -351,11 +356,11 @@ class _Endpoints:
     def complete_stream(self, prompt: str | list[int], *, model: str | None = None, locality: Locality = None,
                         blocks: Iterable[BlockSpec | Mapping[str, Any]] | None = None,
                         target_block: str | int | None = None, audit: AuditLevel | None = None,
-                        max_tokens: int | None = None, temperature: float | None = None,
-                        top_p: float | None = None, seed: int | None = None, stop: str | list[str] | None = None,
-                        **extra: Any) -> Op[type[WireModel]]:
+                        dial_scope: DialScope | None = None, max_tokens: int | None = None,
+                        temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
+                        stop: str | list[str] | None = None, **extra: Any) -> Op[type[WireModel]]:
         """:meth:`complete`, streamed."""
-        body = _generation_body((yield from self._model(model)), locality, blocks, target_block, audit,
+        body = _generation_body((yield from self._model(model)), locality, blocks, target_block, audit, dial_scope,
                                 dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                                      stop=stop, **extra))
         yield Call("POST", "/v1/completions", accept="text/event-stream", stream=True,

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from localist.clients import contract as C
 from localist.model.blocks import (
     MAX_BLOCKS, PRESETS, BlockError, BlockTable, LocalistParams, Piece, Span, resolve_rho, split_text,
-    table_from_chat, table_from_pieces, table_from_token_spans,
+    table_from_chat, table_from_pieces, table_from_token_spans, with_dial_scope,
 )
+from localist.server import wire
 from localist.server.engine import Engine, EngineRequest, Sampling
 from localist.server.exceptions import Conflict, InvalidRequest, UnknownModel
 
@@ -35,6 +36,7 @@ class Plan:
     table: BlockTable
     rho: list[float]
     preset: str | None
+    dial_scope: str  # the scope used: the request's or the model's default (already applied to ``table``)
     target: int | None
     choices: list[EngineRequest]
     cache_salt: str | None
@@ -43,6 +45,7 @@ class Plan:
     rules: list[C.InjectedRule] = field(default_factory=list)  # the injected rule versions (server/rules.py)
     anchors: list[C.AnchorCheck] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    provenance_differences: list[C.ProvenanceDifference] | None = None  # replay: the record's vs the server's
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -240,6 +243,8 @@ def plan(engine: Engine, req: C.ChatCompletionRequest | C.CompletionRequest, end
         raise UnknownModel(f"model: the model {req.model!r} does not exist; this server serves {engine.name!r}")
     table = (chat_table(engine, req, max_blocks, rule_blocks) if endpoint == "chat"
              else completion_table(engine, req, max_blocks, rule_blocks))
+    dial_scope = req.dial_scope or engine.default_dial_scope
+    table = with_dial_scope(table, dial_scope)
     rho = resolve_rho(req.locality if req.locality is not None else default_rho, engine.num_layers)
     preset = req.locality if isinstance(req.locality, str) and req.locality in PRESETS else None
     target = resolve_target(table, req.target_block)
@@ -254,38 +259,58 @@ def plan(engine: Engine, req: C.ChatCompletionRequest | C.CompletionRequest, end
         stop=stop, max_tokens=max_tokens, logprobs=logprobs, ignore_eos=req.ignore_eos,
     ) for i in range(req.n)]
     request_id = ("chatcmpl-" if endpoint == "chat" else "cmpl-") + uuid.uuid4().hex
-    return _plan(engine, endpoint, request_id, req, table, rho, preset, target, sampling)
+    return _plan(engine, endpoint, request_id, req, table, rho, preset, dial_scope, target, sampling)
 
 
 def _plan(engine: Engine, endpoint: str, request_id: str, req, table: BlockTable, rho: list[float],
-          preset: str | None, target: int | None, sampling: list[Sampling], replay_of: str | None = None) -> Plan:
+          preset: str | None, dial_scope: str, target: int | None, sampling: list[Sampling],
+          replay_of: str | None = None) -> Plan:
     """One engine request per choice, each carrying its own localist id (its statistics are fetched by it)."""
     params = [LocalistParams(rho, table.to_wire(), f"{request_id}-{i}", target, req.audit) for i in range(len(sampling))]
     choices = [engine.request(p.request_id, s, p) for p, s in zip(params, sampling)]
-    return Plan(endpoint, request_id, int(time.time()), req, table, rho, preset, target, choices,
+    return Plan(endpoint, request_id, int(time.time()), req, table, rho, preset, dial_scope, target, choices,
                 engine.cache_salt(params[0]), replay_of=replay_of)
+
+
+def provenance_differences(recorded: C.Provenance | None, served: C.Provenance
+                           ) -> list[C.ProvenanceDifference] | None:
+    """The provenance fields in which a record and the server differ (None: the record has no provenance).
+    ``checkpoint_files`` is left out: ``checkpoint_sha256`` covers it."""
+    if recorded is None:
+        return None
+    names = [name for name in C.Provenance.model_fields if name != "checkpoint_files"]
+    return [C.ProvenanceDifference(field=name, recorded=getattr(recorded, name), served=getattr(served, name))
+            for name in names if getattr(recorded, name) != getattr(served, name)]
 
 
 def plan_replay(engine: Engine, record: C.AuditRecord) -> Plan:
     """Re-run a stored request exactly: its prompt token ids, block table, per-layer dial, target and the
-    sampling (seeds included) of every choice. Refused (Conflict) when the served weights, tokenizer or
-    chat template differ from the record's."""
+    sampling (seeds included) of every choice, in the record's dial scope (its block table holds the pins).
+    The provenance fields that differ from the server's are found first and kept on the plan. Refused
+    (Conflict, naming those fields too) when the served weights, tokenizer or chat template differ from
+    the record's."""
     request, replay = record.request, record.replay
     if request is None or replay is None:
         raise Conflict(f"record {record.id!r} has no replay data (its payload was erased)", "id", "not_replayable")
+    differences = provenance_differences(request.provenance, wire.provenance(engine))
+    differing = "; provenance differs in " + ", ".join(
+        f"{d.field} ({d.recorded} recorded, {d.served} served)" for d in differences) if differences else ""
     for stored, current, what in ((request.weights_hash, engine.weights_sha256, "weights"),
                                   (replay.tokenizer_hash, engine.fingerprint["tokenizer_sha256"], "tokenizer"),
                                   (replay.chat_template_hash, engine.fingerprint["chat_template_sha256"],
                                    "chat template")):
         if stored != current:
             raise Conflict(f"the served model's {what} differ from the record's ({stored[:12]}… vs {current[:12]}…): "
-                           "replay needs the same model", "id", "model_mismatch")
+                           f"replay needs the same model{differing}", "id", "model_mismatch")
     table = BlockTable.from_wire(replay.block_spans, replay.prompt_token_ids)
     params = request.params
     sampling = [Sampling(temperature=p.temperature, top_p=p.top_p, presence_penalty=params.presence_penalty,
                          frequency_penalty=params.frequency_penalty, seed=p.seed, stop=p.stop, max_tokens=p.max_tokens,
                          logprobs=params.logprobs, ignore_eos=params.ignore_eos) for p in replay.sampling_params]
+    dial_scope = request.dial_scope or "all"  # records written before the field existed all used `all`
     req = C.CompletionRequest(model=engine.name, prompt=list(table.token_ids), n=len(sampling), seed=params.seed,
-                              audit=request.audit, max_tokens=sampling[0].max_tokens)
-    return _plan(engine, "replay", "replay-" + uuid.uuid4().hex, req, table, list(request.rho), request.preset,
-                 request.target_block, sampling, replay_of=record.id)
+                              audit=request.audit, max_tokens=sampling[0].max_tokens, dial_scope=dial_scope)
+    plan = _plan(engine, "replay", "replay-" + uuid.uuid4().hex, req, table, list(request.rho), request.preset,
+                 dial_scope, request.target_block, sampling, replay_of=record.id)
+    plan.provenance_differences = differences
+    return plan

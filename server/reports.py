@@ -118,6 +118,15 @@ def _metrics(blocks: list[C.BlockInfo], m: C.ChoiceMetrics | None) -> dict[str, 
     }
 
 
+def _provenance(p: C.Provenance | None) -> str:
+    if p is None:
+        return '<span class="muted">not recorded (the record predates provenance)</span>'
+    files = ", ".join(f"{_e(f.name)} <code>{_e(f.sha256[:16])}…</code>" for f in p.checkpoint_files)
+    return (f"checkpoint <code>{_e(p.checkpoint_sha256)}</code> ({_e(p.checkpoint_format)}: {files}); "
+            f"{_e(p.dtype)}, attention ISA {_e(p.attention_isa)}, tensor parallel {_e(p.tensor_parallel_size)}; "
+            f"vLLM {_e(p.vllm_version)}, localist {_e(p.localist_version)}")
+
+
 def _rules(request: C.RecordRequest | None, localist: C.LocalistResult | None) -> str:
     """The injected rule versions with the texts the request was answered with, and the anchor warnings."""
     if request is None or not request.rules:
@@ -154,6 +163,8 @@ def render_html(report: C.AuditReport) -> str:
         rho=_e(", ".join(f"{r:g}" for r in rho) if rho is not None else None),
         preset=_e(localist.locality.preset if localist and localist.locality.preset else "—"),
         audit_level=_e(localist.audit if localist else request.audit if request else "—"),
+        dial_scope=_e(request.dial_scope if request and request.dial_scope else "—"),
+        provenance=_provenance(request.provenance) if request else "—",
         rules=_rules(request, localist),
         verdict=verdict,
         covered=covered,

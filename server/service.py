@@ -96,7 +96,9 @@ class GenerationService:
             raise Conflict(f"record {record.id!r} is a {record.kind} record, not a request", "id", "not_replayable")
         self.engine.ensure_serving()  # while the engine restarts: 503 + Retry-After, nothing stored
         self.store.ensure_available()
-        return planning.plan_replay(self.engine, record)
+        plan = planning.plan_replay(self.engine, record)
+        plan.rules = list(record.request.rules or [])  # the replay ran the same injected rule versions
+        return plan
 
     # -- running --------------------------------------------------------------------------------
 
@@ -151,7 +153,7 @@ class GenerationService:
             choices.append(await asyncio.to_thread(self._metrics, run, choice))
         plan = run.plan
         run.result = C.LocalistResult(audit_id=plan.request_id, audit=plan.req.audit,
-                                      locality=C.Dial(rho=plan.rho, preset=plan.preset),
+                                      locality=C.Dial(rho=plan.rho, preset=plan.preset, scope=plan.dial_scope),
                                       blocks=wire.block_infos(plan.table), choices=choices,
                                       rules=[C.RuleUse(**u.model_dump(exclude={"text"})) for u in plan.rules] or None,
                                       anchors=plan.anchors or None, warnings=plan.warnings or None)
@@ -206,7 +208,9 @@ class GenerationService:
                 n=req.n, temperature=first.temperature, top_p=first.top_p, seed=req.seed, max_tokens=first.max_tokens,
                 stop=first.stop, logprobs=first.logprobs, ignore_eos=first.ignore_eos,
                 presence_penalty=first.presence_penalty, frequency_penalty=first.frequency_penalty),
-            body=req.model_dump(mode="json", exclude_none=True), rules=plan.rules or None)
+            body=req.model_dump(mode="json", exclude_none=True), dial_scope=plan.dial_scope,
+            rules=plan.rules or None,
+            provenance=wire.provenance(engine))
         output = C.RecordOutput(
             choices=[C.RecordChoice(index=c.index, text=c.output.text, token_ids=c.output.token_ids,
                                     finish_reason=c.output.finish_reason) for c in run.choices],
@@ -348,4 +352,5 @@ class GenerationService:
                                   matches=o.token_ids == c.output.token_ids)
                    for c, o in zip(run.choices, original.output.choices)]
         return C.ReplayResult(record_id=original.id, replay_id=run.plan.request_id,
+                              provenance_differences=run.plan.provenance_differences,
                               matches=all(c.matches for c in choices), choices=choices, localist=run.result)

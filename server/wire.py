@@ -18,7 +18,7 @@ from localist.clients import contract as C
 from localist.model.blocks import AUDIT_LEVELS, BlockTable
 from localist.model.metrics import ResponseMetrics
 from localist.model.theory import TheoryReport
-from localist.server.engine import Generated
+from localist.server.engine import Engine, Generated
 
 LN2 = math.log(2.0)
 
@@ -41,6 +41,16 @@ def _null(x: float | None) -> float | None:
 
 def _bits(nats: float | None) -> float | None:
     return None if nats is None else nats / LN2
+
+
+def provenance(engine: Engine) -> C.Provenance:
+    """The served checkpoint (its input files) and how the engine runs it: what every record carries."""
+    cp = engine.checkpoint
+    return C.Provenance(
+        checkpoint_sha256=cp.sha256, checkpoint_format=cp.format,
+        checkpoint_files=[C.CheckpointFile(name=name, sha256=sha) for name, sha in cp.files],
+        dtype=engine.dtype, attention_isa=engine.attention_isa, tensor_parallel_size=engine.tensor_parallel_size,
+        vllm_version=engine.versions["vllm"], localist_version=engine.versions["localist"])
 
 
 def block_infos(table: BlockTable) -> list[C.BlockInfo]:

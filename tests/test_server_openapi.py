@@ -52,6 +52,19 @@ RULES_KIND = ("/paths//v1/audit/get/parameters[9]/schema/enum", ["request", "key
               ["request", "key", "rule", "redaction", "retention"])
 
 
+# Issue 17 item 4 and issue 18 item 5: the request's `dial_scope`, the dial's `scope`, `/v1/models`' `dial_scope`
+# and `provenance`, and a replay's `provenance_differences` — added (required where the server always sets them).
+SCOPE_PROVENANCE = {"dial_scope", "provenance", "provenance_differences"}
+SCOPE_PROVENANCE_ADDED = re.compile(r"/properties/(dial_scope|provenance|provenance_differences)$"
+                                    r"|/locality/properties/scope$")
+
+
+def _scope_provenance_added(where: str, old, new) -> bool:
+    if where.endswith("/required") and isinstance(old, list) and isinstance(new, list):
+        return set(old) <= set(new) and set(new) - set(old) <= SCOPE_PROVENANCE
+    return bool(SCOPE_PROVENANCE_ADDED.search(where)) and old == "<absent>"
+
+
 def test_the_api_differs_from_the_base_only_as_listed():
     """`python -m localist.server.openapi --diff REV` prints the differences."""
     try:
@@ -60,6 +73,7 @@ def test_the_api_differs_from_the_base_only_as_listed():
         pytest.skip(f"this clone has no commit {BASE[:12]} (shallow)")
     unlisted = [(where, old, new) for where, old, new in shape
                 if not TYPED_PART.search(where) and not (where.endswith("/additionalProperties") and (old, new) == (True, False))
-                and not (RULES_ADDED.search(where) and old == "<absent>") and (where, old, new) != RULES_KIND]
+                and not (RULES_ADDED.search(where) and old == "<absent>") and (where, old, new) != RULES_KIND
+                and not _scope_provenance_added(where, old, new)]
     assert not unlisted, unlisted
     assert any(TYPED_PART.search(where) for where, _, _ in shape)

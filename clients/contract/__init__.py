@@ -37,7 +37,7 @@ from .audit import (
     ReplaySampling,
     VerifyResult,
 )
-from .base import AuditLevel, FinishReason, Preset, RecordStatus, RequestModel, WireModel, read
+from .base import AuditLevel, DialScope, FinishReason, Preset, RecordStatus, RequestModel, WireModel, read
 from .generation import (
     AssistantMessage,
     BlockSpec,
@@ -72,18 +72,33 @@ from .metrics import (
     TokenMetrics,
 )
 from .rules import AnchorCheck, AnchorProbe, InjectedRule, Rule, RuleCreate, RuleList, RuleMember, RuleUse, RuleVersion
-from .service import ErrorBody, ErrorResponse, Health, KeyCreate, KeyCreated, KeyInfo, KeyList, ModelInfo, ModelList
+from .service import (
+    CheckpointFile,
+    ErrorBody,
+    ErrorResponse,
+    Health,
+    KeyCreate,
+    KeyCreated,
+    KeyInfo,
+    KeyList,
+    ModelInfo,
+    ModelList,
+    Provenance,
+    ProvenanceDifference,
+)
 
 __all__ = [
-    "AnchorCheck", "AnchorProbe", "AssistantMessage", "AuditLevel", "AuditList", "AuditRecord", "AuditReport", "AuditSummary", "BlockInfo",
-    "BlockSpec", "BrokenLink", "ChatChoice", "ChatChunkChoice", "ChatCompletionChunk", "ChatCompletionRequest",
-    "ChatCompletionResponse", "ChatDelta", "ChatLogprobs", "ChatMessage", "ChoiceMetrics", "CompletionChoice",
-    "CompletionLogprobs", "CompletionRequest", "CompletionResponse", "Dial", "Entropy", "ErrorBody", "ErrorResponse",
-    "FinishReason", "Health", "InjectedRule", "KeyCreate", "KeyCreated", "KeyInfo", "KeyList", "LocalistDelta", "LocalistResult",
-    "LocalityFields", "ModelInfo", "ModelList", "Preset", "PurgeRequest", "PurgeResult", "RecordChoice",
-    "RecordHashes", "RecordMetrics", "RecordOutput", "RecordReplay", "RecordRequest", "RecordSampling",
-    "RecordStatus", "RecordTimestamps", "RecordVerification", "RedactRequest", "ReplayChoice", "ReplayResult",
-    "ReplaySampling", "RequestModel", "Rule", "RuleCreate", "RuleList", "RuleMember", "RuleUse",
-    "RuleVersion", "StreamOptions", "TextContentPart", "Theory", "TokenAttribution",
-    "TokenLogprob", "TokenMetrics", "TopLogprob", "Usage", "VerifyResult", "WireModel", "read",
+    "AnchorCheck", "AnchorProbe", "AssistantMessage", "AuditLevel", "AuditList", "AuditRecord", "AuditReport",
+    "AuditSummary", "BlockInfo", "BlockSpec", "BrokenLink", "ChatChoice", "ChatChunkChoice",
+    "ChatCompletionChunk", "ChatCompletionRequest", "ChatCompletionResponse", "ChatDelta", "ChatLogprobs",
+    "ChatMessage", "CheckpointFile", "ChoiceMetrics", "CompletionChoice", "CompletionLogprobs",
+    "CompletionRequest", "CompletionResponse", "Dial", "DialScope", "Entropy", "ErrorBody", "ErrorResponse",
+    "FinishReason", "Health", "InjectedRule", "KeyCreate", "KeyCreated", "KeyInfo", "KeyList", "LocalistDelta",
+    "LocalistResult", "LocalityFields", "ModelInfo", "ModelList", "Preset", "Provenance",
+    "ProvenanceDifference", "PurgeRequest", "PurgeResult", "RecordChoice", "RecordHashes", "RecordMetrics",
+    "RecordOutput", "RecordReplay", "RecordRequest", "RecordSampling", "RecordStatus", "RecordTimestamps",
+    "RecordVerification", "RedactRequest", "ReplayChoice", "ReplayResult", "ReplaySampling", "RequestModel",
+    "Rule", "RuleCreate", "RuleList", "RuleMember", "RuleUse", "RuleVersion", "StreamOptions",
+    "TextContentPart", "Theory", "TokenAttribution", "TokenLogprob", "TokenMetrics", "TopLogprob", "Usage",
+    "VerifyResult", "WireModel", "read",
 ]

@@ -10,10 +10,11 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field
 
-from .base import AuditLevel, FinishReason, RecordStatus, RequestModel, WireModel
+from .base import AuditLevel, DialScope, FinishReason, RecordStatus, RequestModel, WireModel, added_later
 from .generation import Usage
 from .metrics import BlockInfo, LocalistResult
 from .rules import InjectedRule
+from .service import Provenance, ProvenanceDifference
 
 # --------------------------------------------------------------------------- the payload of a request record
 
@@ -47,8 +48,12 @@ class RecordRequest(WireModel):
     audit: AuditLevel
     params: RecordSampling
     body: dict[str, Any] = Field(description="The request body as received (null fields left out).")
-    rules: list[InjectedRule] | None = Field(None, description="The injected rule versions with their texts "
-                                             "(editing or retiring a rule later changes nothing here).")
+    rules: list[InjectedRule] | None = added_later("The injected rule versions with their texts (editing or "
+                                                   "retiring a rule later changes nothing here).")
+    dial_scope: DialScope | None = added_later("The dial scope used (the request's or the model's default); "
+                                               "absent in records written before the field existed (they used `all`).")
+    provenance: Provenance | None = added_later("The served checkpoint and engine; absent in records written "
+                                                "before the field existed.")
 
 
 class RecordChoice(WireModel):
@@ -187,6 +192,9 @@ class ReplayResult(WireModel):
 
     record_id: str
     replay_id: str = Field(description="Audit id of the replay's own record.")
+    provenance_differences: list[ProvenanceDifference] | None = Field(
+        description="Where the record's provenance differs from the server that replayed it (empty: none); null "
+        "when the record has no provenance (written before the field existed).")
     matches: bool = Field(description="Every choice produced the same tokens.")
     choices: list[ReplayChoice]
     localist: LocalistResult = Field(description="Metrics of the replay.")

@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from .base import AuditLevel, FinishReason, Preset, RequestModel, WireModel
+from .base import AuditLevel, DialScope, FinishReason, Preset, RequestModel, WireModel
 from .metrics import LocalistDelta, LocalistResult
 
 # --------------------------------------------------------------------------- locality extensions (request)
@@ -50,6 +50,12 @@ class LocalityFields(RequestModel):
     )
     target_block: str | int | None = Field(
         None, description="Ground-truth block for pointer fidelity: a block label or a block id."
+    )
+    dial_scope: DialScope | None = Field(
+        None,
+        description="Which blocks the dial may move mass between (docs/theory.md §2 \"Dial scope\"): `all` = every "
+        "block not pinned; `evidence` = every block that is not a candidate is pinned, so the dial only reshuffles "
+        "the candidates' base mass. Default: the served model's (`GET /v1/models`).",
     )
     audit: AuditLevel = Field("summary", description="How much detail is returned and stored.")
     rules: list[str] | None = Field(

@@ -12,13 +12,15 @@ from typing import Literal
 
 from pydantic import Field
 
-from .base import AuditLevel, WireModel
+from .base import AuditLevel, DialScope, WireModel, added_later
 from .rules import AnchorCheck, RuleUse
 
 
 class Dial(WireModel):
     rho: list[float] = Field(description="ρ used at each layer.")
     preset: str | None = Field(None, description="The preset name when the request gave one.")
+    scope: DialScope | None = added_later("The dial scope used (the request's or the model's default); absent in "
+                                          "records written before the field existed, which all used `all`.")
 
 
 class BlockInfo(WireModel):
@@ -117,11 +119,11 @@ class LocalistResult(WireModel):
     locality: Dial
     blocks: list[BlockInfo]
     choices: list[ChoiceMetrics] = Field(description="One entry per generated choice, by index.")
-    rules: list[RuleUse] | None = Field(None, description="The injected rule versions (`rules` of the request).")
-    anchors: list[AnchorCheck] | None = Field(None, description="Anchor probes of the rulebooks used (made when "
-                                              "each version was created) and, with `anchors: check`, of this "
-                                              "request's blocks.")
-    warnings: list[str] | None = Field(None, description="E.g. an anchor that is not separable.")
+    rules: list[RuleUse] | None = added_later("The injected rule versions (`rules` of the request).")
+    anchors: list[AnchorCheck] | None = added_later("Anchor probes of the rulebooks used (made when each version "
+                                                    "was created) and, with `anchors: check`, of this request's "
+                                                    "blocks.")
+    warnings: list[str] | None = added_later("E.g. an anchor that is not separable.")
 
 
 class TokenAttribution(WireModel):

@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from .base import RequestModel, WireModel
+from .base import DialScope, RequestModel, WireModel
 
 
 class ErrorBody(WireModel):
@@ -20,6 +20,36 @@ class ErrorResponse(WireModel):
     error: ErrorBody
 
 
+class CheckpointFile(WireModel):
+    name: str
+    sha256: str
+
+
+class Provenance(WireModel):
+    """What produced an answer: the checkpoint as it was brought to this host, and how the engine ran it.
+    Computed once when the engine starts; every audit record carries it."""
+
+    checkpoint_sha256: str = Field(
+        description="The checkpoint's identity, from its input files, never from weights converted or merged "
+        "on this host: the file's SHA-256 when it is one file (a GGUF file, one `model.safetensors`), else the "
+        "SHA-256 of the files' `sha256sum` listing (`<sha256>  <name>` lines sorted by name).")
+    checkpoint_format: str = Field(description="`safetensors`, `bin` (PyTorch), `gguf` (converted on this host) or "
+                                   "`gguf+lora` (a GGUF base with a LoRA adapter, merged on this host).")
+    checkpoint_files: list[CheckpointFile] = Field(description="The input files and their SHA-256, by name.")
+    dtype: str = Field(description="The dtype the engine computes in.")
+    attention_isa: str = Field(description="The KV-cache layout / kernel ISA vLLM's CPU attention chose "
+                               "(`vec`, `vec16`, `amx`; read from the engine's attention layers).")
+    tensor_parallel_size: int
+    vllm_version: str
+    localist_version: str
+
+
+class ProvenanceDifference(WireModel):
+    field: str = Field(description="A `Provenance` field (`checkpoint_files` is covered by `checkpoint_sha256`).")
+    recorded: str | int = Field(description="Its value in the record.")
+    served: str | int = Field(description="Its value on the server now.")
+
+
 class ModelInfo(WireModel):
     id: str
     object: Literal["model"] = "model"
@@ -30,6 +60,9 @@ class ModelInfo(WireModel):
     max_model_len: int
     weights_sha256: str
     stand_in: bool = Field(description="True for a generated, untrained stand-in model.")
+    dial_scope: DialScope = Field(description="The dial scope a request gets when it gives none (the model "
+                                  "folder's `localist.json`, key `dial_scope`; else `all`).")
+    provenance: Provenance
 
 
 class ModelList(WireModel):

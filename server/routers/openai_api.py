@@ -156,4 +156,5 @@ async def models(request: Request, who: Principal = Depends(principal)):
     return C.ModelList(data=[C.ModelInfo(
         id=engine.name, created=int(engine.model_dir.stat().st_mtime), owned_by="localist",
         num_layers=engine.num_layers, num_heads=engine.num_heads, max_model_len=engine.max_model_len,
-        weights_sha256=engine.weights_sha256, stand_in=request.app.state.settings.stand_in)])
+        weights_sha256=engine.weights_sha256, stand_in=request.app.state.settings.stand_in,
+        dial_scope=engine.default_dial_scope, provenance=wire.provenance(engine))])

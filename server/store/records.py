@@ -7,7 +7,8 @@ A request record is a dict (keys; anything else is an error naming the key):
 The server writes the payload parts as the wire contract's ``Record*`` classes
 (``localist.clients.contract.audit``); the store reads only what it indexes and checks that: the
 model, ρ per layer (``request.rho``, in [0, 1]), the block labels (``request.blocks[*].label``), the
-pointer fidelity (``metrics.fidelity``), the timestamps, the replay's token ids and hashes.
+dial scope and the checkpoint's hash in the provenance when present (records written before them lack
+them), the pointer fidelity (``metrics.fidelity``), the timestamps, the replay's token ids and hashes.
 Everything is hashed as canonical JSON (sorted keys): the payload to ``payload_hash``; the indexed
 fields plus ``payload_hash`` to ``content_hash``; and ``(seq, prev_hash, content_hash)`` to
 ``chain_hash``. The chain therefore covers hashes only, and erasing a payload leaves it valid.
@@ -22,6 +23,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+
+from localist.model.blocks import DIAL_SCOPES
 
 STATUSES = ("completed", "aborted", "failed")
 KINDS = ("request", "key", "rule", "redaction", "retention")
@@ -214,6 +217,11 @@ def request_entry(record: Any) -> Entry:
     rho_min, rho_max = _rho_range(request.get("rho", 0.0))
     blocks = _block_labels(request.get("blocks"))
     check_dict(request.get("params"), "request.params")
+    if request.get("dial_scope") not in (None, *DIAL_SCOPES):
+        raise RecordError(f"request.dial_scope: must be one of {', '.join(DIAL_SCOPES)}, got {request['dial_scope']!r}")
+    provenance = check_dict(request.get("provenance"), "request.provenance")
+    if provenance is not None:
+        check_str(provenance.get("checkpoint_sha256"), "request.provenance.checkpoint_sha256", 64)
     check_dict(record.get("output"), "output")
     metrics = check_dict(record.get("metrics"), "metrics") or {}
     fidelity = metrics.get("fidelity")
