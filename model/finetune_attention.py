@@ -7,14 +7,15 @@ the loss reads at a dozen answer queries a sequence. Here, per layer:
 
 - a sequence whose ρ is 0 runs the stock causal attention (``scaled_dot_product_attention``, a fused
   kernel, bf16 under autocast): at ρ = 0 localist attention *is* the stock attention (docs/theory.md §2);
-- a sequence whose ρ is above 0 needs every query's block log-masses to dial its output, so it runs
-  the reference computation (``localist_attention``) in float32, recomputed in the backward pass
-  instead of stored (activation checkpointing);
+- a sequence whose ρ is above 0 needs every query's block log-masses to dial its output: they are
+  computed without gradient and the output comes from the fused kernel with the dial's per-block
+  bias as an additive mask, in float32 (``_dialled``: exact output, gradient through the scores
+  but not through the bias);
 - the block statistics (L, π^ρ, inner entropy) are computed, differentiably and in float32, for the
   selected queries only (``TrainAttention.queries``: the answer's), by the same ``localist_attention``
   restricted to those rows, so the penalty and the pointer term see exactly what serving reports.
 
-The outputs equal the reference model's (tests/test_finetune.py); only the cost differs.
+Logits and statistics equal the reference model's (tests/test_finetune.py).
 """
 from __future__ import annotations
 
@@ -23,9 +24,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
-from localist.model.attention import BlockStats, localist_attention
+from localist.model.attention import BlockStats, block_onehot, dial_mass, localist_attention
 
 TRAIN_ATTENTION = "localist_train"
 
@@ -46,10 +46,34 @@ class TrainAttention:
 
 def _dialled(query: Tensor, key: Tensor, value: Tensor, block_ids: Tensor, rho: Tensor, pinned: Tensor,
              scale: float) -> Tensor:
-    """The reference localist attention of whole sequences, float32 (the dial's query term loses nats in bf16)."""
+    """Whole sequences at their ρ through form 1 of docs/theory.md §2: softmax(s + β) with β the per-block
+    bias ln π^ρ − L, in float32 (a bf16 bias loses whole nats).
+
+    β is computed without gradient and enters the fused kernel as an additive mask: the output is
+    the localist one exactly, its gradient flows through the scores inside the softmax but not
+    through β's own dependence on the block log-masses. The loss's statistics (the penalty and the
+    pointer term) come from the differentiable reference computation at the answer queries
+    (``training_attention``), so their gradients are exact; the reference computation over every
+    query costs ~10× the step time and memory.
+    """
+    B, H, T, _ = query.shape
+    q, k, v = query.float(), key.float(), value.float()
+    with torch.no_grad():
+        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        visible = (causal[None] & (block_ids >= 0)[:, None, :]).unsqueeze(1)  # [B, 1, T, T]
+        scores = (torch.matmul(q, k.transpose(-1, -2)) * scale).masked_fill(~visible, float("-inf"))
+        row_lse = torch.logsumexp(scores, -1, keepdim=True)
+        onehot = block_onehot(block_ids, pinned.shape[-1]).unsqueeze(1)  # [B, 1, T, G]
+        base = torch.matmul((scores - row_lse).exp(), onehot)  # π⁰ [B, H, T, G]
+        log_mass = torch.where(base > 0, base.clamp(min=torch.finfo(torch.float32).tiny).log() + row_lse,
+                               float("-inf"))
+        mass = dial_mass(log_mass, rho.view(B, 1, 1), pinned.view(B, 1, 1, -1), base)
+        beta = torch.where(mass > 0, mass.clamp(min=torch.finfo(torch.float32).tiny).log() - log_mass, float("-inf"))
+        bias = beta.gather(-1, block_ids.clamp(min=0).view(B, 1, 1, T).expand(B, H, T, T))
+        bias = bias.masked_fill_(~visible, float("-inf"))
+        del scores, base
     with torch.autocast(query.device.type, enabled=False):
-        out, _ = localist_attention(query.float(), key.float(), value.float(), block_ids, rho, pinned, scale)
-    return out
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
 
 
 def training_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, localist=None, **_):
@@ -69,7 +93,7 @@ def training_attention(module, query, key, value, attention_mask, scaling, dropo
             continue
         q, k, v = query[rows], key[rows], value[rows]
         if dialled:
-            part = checkpoint(_dialled, q, k, v, block_ids[rows], rho[rows], pinned[rows], scaling, use_reentrant=False)
+            part = _dialled(q, k, v, block_ids[rows], rho[rows], pinned[rows], scaling)
         else:  # right padding: a real query never sees a padded key under the causal mask
             part = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)
         part = part.to(query.dtype)

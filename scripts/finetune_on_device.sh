@@ -12,8 +12,8 @@
 #                                                                 it to float32, train the runs side by side;
 #                                                                 a run whose folder holds trainer_state.pt
 #                                                                 resumes where the last call stopped
-# "kwargs" are FinetuneConfig keyword arguments. Each run comes back as $OUT/<name>.tgz (adapter, finetune.json,
-# train_log.jsonl, device.log).
+# "kwargs" are FinetuneConfig keyword arguments. Each run comes back as $OUT/<name>.tgz.aa, .ab, … (cat them:
+# adapter, finetune.json, train_log.jsonl, device.log).
 set -u
 mode=$1; shift
 mkdir -p /tmp/pkg/localist /tmp/gguf /tmp/runs
@@ -40,7 +40,7 @@ for l in open('/tmp/runs/$1/train_log.jsonl'):
         print('$1', r['step'], r.get('elapsed_s'), *(f'{k}={r[k]:.3f}' for k in ('answer_nll', 'pointing_nll', 'penalty', 'off_target') if k in r), json.dumps(r.get('validation', '')))"
   tail -3 "/tmp/$1.log"
   cp "/tmp/$1.log" "/tmp/runs/$1/device.log"
-  tar czf "$OUT/$1.tgz" -C /tmp/runs --exclude=base --exclude=trainer_state.pt "$1"
+  tar czf - -C /tmp/runs --exclude=trainer_state.pt "$1" | split -b 15M - "$OUT/$1.tgz."  # 16 MiB a file comes back
 }
 
 run_all() {  # limit base name kwargs ...: the runs side by side, then their logs and adapters
