@@ -1,9 +1,9 @@
 """Rules at serving time: the rulebook API, a request's ``rules`` resolved to blocks, and anchor probes.
 
 A rule version is injected as a ``rule`` block labelled ``label@version`` whose text is its anchor
-header, a newline and its text (:func:`block_text`); the SHA-256 of that text is what the audit
-record keeps beside the rule's id and version (and the text itself, so a past record's report still
-shows it after the rule was edited or retired).
+header, a newline and its text (``store.rules.injected_text``); the SHA-256 of that text is what the
+audit record keeps beside the rule's id and version (and the text itself, so a past record's report
+still shows it after the rule was edited or retired).
 
 An anchor probe (docs/theory.md §1) asks whether a block's anchor singles it out under the served
 model: the blocks are placed, then the query :data:`PROBE_QUERY` naming the anchor, and one token
@@ -31,19 +31,13 @@ from localist.server.attention_stats import ChoiceStats
 from localist.server.auth import Principal
 from localist.server.exceptions import InvalidRequest
 from localist.server.planning import Plan
-from localist.server.store import NotFound, canonical
-from localist.server.store.records import sha256_hex
-from localist.server.store.rules import StoredRule, StoredVersion
+from localist.server.store import NotFound
+from localist.server.store.rules import StoredRule, StoredVersion, injected_text
 
 LN2 = math.log(2.0)
 DEFAULT_ANCHOR = "[{label}]"
 PROBE_QUERY = "Apply {anchor}"
 MIN_SHARE = 1e-30  # q is clamped here before a log, so a block with no mass gives a finite margin
-
-
-def block_text(anchor: str, text: str) -> str:
-    """The text of an injected rule block: its anchor header first."""
-    return f"{anchor}\n{text}"
 
 
 def parse_ref(ref: str, where: str) -> tuple[str, int | None]:
@@ -159,9 +153,7 @@ class RuleService:
         common = {"tenant": who.tenant, "label": body.label, "key_id": who.key_id, "actor": who.actor}
         if body.text is not None:
             anchor = body.anchor or DEFAULT_ANCHOR.format(label=body.label)
-            stored = await self.store.acreate_rule_version(
-                kind="rule", sha256=sha256_hex(block_text(anchor, body.text).encode()), text=body.text, anchor=anchor,
-                **common)
+            stored = await self.store.acreate_rule_version(text=body.text, anchor=anchor, **common)
             return rule_wire(stored)
         if body.anchor is not None:
             raise InvalidRequest("anchor", "a rulebook has no anchor of its own: each of its rules has one")
@@ -179,10 +171,9 @@ class RuleService:
             members.append({"rule_id": rule.rule_id, "label": rule.label, "version": version.version,
                             "sha256": version.sha256})
             blocks.append(ProbeBlock(f"{rule.label}@{version.version}", version.anchor,
-                                     block_text(version.anchor, version.text)))
+                                     injected_text(version.anchor, version.text)))
         probe = (await self.probe(blocks, source="")).model_dump(mode="json", exclude={"source"})
-        stored = await self.store.acreate_rule_version(
-            kind="rulebook", sha256=sha256_hex(canonical(members)), members=members, probe=probe, **common)
+        stored = await self.store.acreate_rule_version(members=members, probe=probe, **common)
         return rule_wire(stored)
 
     async def list_rules(self, who: Principal, include_retired: bool) -> C.RuleList:
@@ -219,7 +210,7 @@ class RuleService:
         """The request's ``rules`` as blocks, record entries and stored probes; 404 naming ``rules[i]`` for
         a reference the tenant does not have, 400 for a retired rule or a block label used twice."""
         injection = Injection()
-        placed: dict[str, str] = {b.label: f"blocks[{j}]" for j, b in enumerate(req.blocks or [])}
+        placed: dict[str, str] = {b.label: f"blocks[{j}]" for j, b in enumerate(req.block_specs())}
         for i, ref in enumerate(req.rules or []):
             where = f"rules[{i}]"
             rule, version = await self._find(tenant, ref, where)
@@ -233,7 +224,7 @@ class RuleService:
                 if label in placed:
                     raise InvalidRequest(where, f"block {label} is already placed by {placed[label]}")
                 placed[label] = where
-                text = block_text(v.anchor, v.text)
+                text = injected_text(v.anchor, v.text)
                 injection.blocks.append(C.BlockSpec(label=label, kind="rule", text=text))
                 injection.uses.append(C.InjectedRule(block=label, rule_id=member.rule_id, label=member.label,
                                                      version=v.version, sha256=v.sha256, anchor=v.anchor,
@@ -244,12 +235,12 @@ class RuleService:
         """The generation service's plan with the request's rules placed first, the probes it carries
         (and, with ``anchors: check``, a probe of its placed candidate blocks) and their warnings."""
         injection = await self.resolve(req, who.tenant) if req.rules else Injection()
-        plan = self.generation.plan(req, endpoint, injection.blocks)
+        plan = await self.generation.plan(req, endpoint, injection.blocks)
         plan.rules, plan.anchors = injection.uses, injection.checks
         if req.anchors == "check":
             blocks = [ProbeBlock(b.label, use.anchor, b.text) for b, use in zip(injection.blocks, injection.uses)]
             blocks += [ProbeBlock(b.label, DEFAULT_ANCHOR.format(label=b.label), b.text, b.kind, b.evidence)
-                       for b in req.blocks or []
+                       for b in req.block_specs()
                        if b.text is not None and not b.pinned and (b.evidence or b.kind in ("rule", "document"))]
             if not blocks:
                 raise InvalidRequest("anchors", "no placed candidate block (an injected rule, or a text block of "

@@ -32,8 +32,8 @@ def store_url(request, tmp_path):
 
 
 def _rule(store, tenant, label, text, key_id):
-    return store.create_rule_version(tenant=tenant, label=label, kind="rule", sha256=hashlib.sha256(text.encode())
-                                     .hexdigest(), text=text, anchor=f"[{label}]", key_id=key_id, actor=f"key:{key_id}")
+    return store.create_rule_version(tenant=tenant, label=label, text=text, anchor=f"[{label}]", key_id=key_id,
+                                     actor=f"key:{key_id}")
 
 
 def test_store_versions_retirement_and_tenants(store_url):
@@ -46,8 +46,7 @@ def test_store_versions_retirement_and_tenants(store_url):
         other = _rule(store, "globex", "KYC-2", "Their own text.", "g1")
         assert other.rule_id != v1.rule_id and other.latest.version == 1
         with pytest.raises(RecordError, match="^rules: 'KYC-2' is a rule"):
-            store.create_rule_version(tenant="acme", label="KYC-2", kind="rulebook", sha256="0" * 64, members=[],
-                                      key_id="k1", actor="key:k1")
+            store.create_rule_version(tenant="acme", label="KYC-2", members=[], key_id="k1", actor="key:k1")
         retired = store.retire_rule(tenant="acme", label="KYC-2", key_id="k3", actor="key:k3")
         assert retired.retired_by == "k3" and retired.retired_us is not None
         assert store.retire_rule(tenant="acme", label="KYC-2", key_id="k4", actor="key:k4") == retired  # idempotent
@@ -59,7 +58,34 @@ def test_store_versions_retirement_and_tenants(store_url):
         assert [r.label for r in store.list_rules(tenant="acme", include_retired=True)] == ["KYC-2"]
         events = store.list_records(tenant=ALL_TENANTS, kind="rule").records
         assert sorted(e["id"].rsplit("-", 1)[1] for e in events) == ["retired", "v1", "v1", "v2"]
+        assert v2.versions[1].sha256 == hashlib.sha256(b"[KYC-2]\nVerify identity twice.").hexdigest()
         assert store.verify().ok
+
+
+@pytest.mark.parametrize("tamper, reason", [
+    ("UPDATE rule_versions SET text = 'Skip identity checks.' WHERE version = 2", "version 2: content differ"),
+    ("UPDATE rule_versions SET created_by = 'mallory' WHERE version = 1", "version 1: created_by differ"),
+    ("UPDATE rules SET retired_us = NULL, retired_by = NULL", "retired_us, retired_by differ"),
+    ("DELETE FROM rule_versions WHERE version = 2", "version 2 was deleted from the rule tables"),
+    ("INSERT INTO rule_versions (rule_id, version, created_us, created_by, sha256, text, anchor) "
+     "SELECT rule_id, 3, created_us, created_by, sha256, text, anchor FROM rule_versions WHERE version = 1",
+     "version 3 has no audit record"),
+])
+def test_verification_names_rule_tables_edited_behind_the_stores_back(tmp_path, tamper, reason):
+    import sqlalchemy as sa
+
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    with AuditStore(url) as store:
+        _rule(store, "acme", "KYC-2", "Verify identity.", "k1")
+        _rule(store, "acme", "KYC-2", "Verify identity twice.", "k1")
+        store.retire_rule(tenant="acme", label="KYC-2", key_id="k1", actor="key:k1")
+        assert store.verify().ok
+        engine = sa.create_engine(url)
+        with engine.begin() as conn:
+            conn.execute(sa.text(tamper))
+        engine.dispose()
+        report = store.verify()
+        assert not report.ok and reason in report.first_broken.reason, report.first_broken
 
 
 # --------------------------------------------------------------------------- the server
@@ -171,6 +197,25 @@ def test_injection_attribution_edit_and_retirement(localist_server, acme):
     report = httpx.get(f"{s.base_url}/v1/audit/{record_id}/report?format=html", headers=s.headers(s.tenant_key),
                        timeout=30).text
     assert old_text in report
+
+    # a replay runs the same prompt, so the same rule versions: its record names them too
+    replay = _post(s, s.tenant_key, f"/v1/audit/{record_id}/replay", None).json()
+    assert replay["matches"] and replay["localist"]["rules"] == result["rules"]
+
+    # streamed and completions requests inject the same way; a token-id prompt cannot take rules
+    with httpx.stream("POST", s.base_url + "/v1/chat/completions", headers=s.headers(s.tenant_key), timeout=120,
+                      json={"model": s.model, "messages": [{"role": "user", "content": "Which rule?"}], "rules": [label],
+                            "max_tokens": 3, "stream": True}) as streamed:
+        events = [line[6:] for line in streamed.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    final = httpx.Response(200, content=events[-2]).json()["localist"]
+    assert final["rules"] == [{k: v for k, v in u.items() if v is not None} for u in result["rules"]]  # nulls left out
+    completion = _post(s, s.tenant_key, "/v1/completions",
+                       {"model": s.model, "prompt": "Answer:", "rules": [label], "max_tokens": 2}).json()
+    assert completion["localist"]["rules"] == result["rules"]
+    assert completion["localist"]["blocks"][1]["label"] == f"{label}@1"  # before the prompt
+    ids = _post(s, s.tenant_key, "/v1/completions", {"model": s.model, "prompt": [1, 2, 3], "rules": [label]})
+    assert (ids.status_code, ids.json()["error"]["param"]) == (400, "rules")
 
     # an edit makes version 2; the record and its report are unchanged, and @1 stays usable
     acme.rules.create(label, new_text, anchor="[Refund rule]")

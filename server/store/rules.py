@@ -3,7 +3,9 @@
 A label names a rule or a rulebook (one label space per tenant, so a reference is never ambiguous).
 Creating a version and retiring a label each append a ``rule`` record to the chain pinning what was
 done, by whom (the key id) and the version's SHA-256; versions are inserted once and never updated,
-so what a past request was answered with stays readable after an edit or a retirement.
+so what a past request was answered with stays readable after an edit or a retirement, and
+verification (:func:`check_rules`) names a version or retirement edited, added or deleted behind the
+store's back.
 """
 from __future__ import annotations
 
@@ -16,10 +18,21 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from .chain import append, lock_head, now_us
-from .records import MAX_TENANT, Entry, NotFound, RecordError, check_str, make_entry
+from .records import MAX_TENANT, Entry, NotFound, RecordError, canonical, check_str, make_entry, sha256_hex
 from .schema import rule_versions, rules
 
 KINDS = ("rule", "rulebook")
+
+
+def injected_text(anchor: str, text: str) -> str:
+    """The text of a rule's block as a request places it: its anchor header first."""
+    return f"{anchor}\n{text}"
+
+
+def version_sha256(text: str | None, anchor: str | None, members: list[dict] | None) -> str:
+    """A rule version's SHA-256 (of its block text as injected) or a rulebook version's (of its members'
+    canonical JSON)."""
+    return sha256_hex(injected_text(anchor, text).encode() if members is None else canonical(members))
 
 
 @dataclass(frozen=True)
@@ -77,11 +90,15 @@ def _load(conn: Connection, rows) -> list[StoredRule]:
 
 
 def _event(action: str, rule: StoredRule, version: StoredVersion | None, actor: str | None) -> Entry:
-    """The chained record of a rule action: the label, the kind and (for a version) its hash and author."""
+    """The chained record of a rule action: the label, the kind, the retirement, and (for a version) its
+    hash, author and time."""
     suffix = f"v{version.version}" if version is not None else "retired"
-    payload = {"action": action, "rule": {"id": rule.rule_id, "label": rule.label, "kind": rule.kind},
+    payload = {"action": action,
+               "rule": {"id": rule.rule_id, "label": rule.label, "kind": rule.kind, "retired_us": rule.retired_us,
+                        "retired_by": rule.retired_by},
                "version": None if version is None else {"version": version.version, "sha256": version.sha256,
-                                                        "created_by": version.created_by},
+                                                        "created_by": version.created_by,
+                                                        "created_us": version.created_us},
                "actor": actor}
     return make_entry(f"rule-{rule.rule_id}-{suffix}", "rule", rule.tenant, payload)
 
@@ -99,15 +116,19 @@ def list_rules(conn: Connection, *, tenant: str, include_retired: bool) -> list[
     return _load(conn, conn.execute(q))
 
 
-def create_version(conn: Connection, *, tenant: str, label: str, kind: str, sha256: str, text: str | None = None,
-                   anchor: str | None = None, members: list[dict] | None = None, probe: dict | None = None,
-                   key_id: str | None, actor: str | None) -> StoredRule:
-    """The label's next version (its first creates it). Versions are numbered under the append lock, so
-    two writers never take the same number. A retired label takes no new version; a label keeps its kind."""
+def create_version(conn: Connection, *, tenant: str, label: str, text: str | None = None, anchor: str | None = None,
+                   members: list[dict] | None = None, probe: dict | None = None, key_id: str | None,
+                   actor: str | None) -> StoredRule:
+    """The label's next version (its first creates it): a rule (``text`` and ``anchor``) or a rulebook
+    (``members``, ``probe``). Versions are numbered under the append lock, so two writers never take
+    the same number. A retired label takes no new version; a label keeps its kind."""
     check_str(tenant, "tenant", MAX_TENANT)
     check_str(label, "label", 128)
-    if kind not in KINDS:
-        raise RecordError(f"kind: must be one of {', '.join(KINDS)}, got {kind!r}")
+    kind = "rule" if members is None else "rulebook"
+    if kind == "rule":
+        check_str(text, "text", 1 << 20)
+        check_str(anchor, "anchor", 256)
+    sha256 = version_sha256(text, anchor, members)
     lock_head(conn)
     row = conn.execute(sa.select(rules).where(rules.c.tenant == tenant, rules.c.label == label)).first()
     created = now_us()
@@ -145,3 +166,46 @@ def retire(conn: Connection, *, tenant: str, label: str, key_id: str | None, act
     rule = get_rule(conn, tenant=tenant, label=label)
     append(conn, [_event("retire", rule, None, actor)])
     return rule
+
+
+def check_rules(conn: Connection, events: list[tuple[int, str, dict]], unknown_seq: int) -> list:
+    """The rule tables must be exactly what the chained rule records say (``events``: seq, record id and
+    payload of each, in chain order): every version's content still hashes to its SHA-256 and matches
+    its record, every retirement has one, and nothing was added or deleted. Returns the problems as
+    (seq, record id or None, reason)."""
+    versions: dict[tuple[str, int], tuple[int, str, dict]] = {}
+    latest: dict[str, tuple[int, str, dict]] = {}
+    for seq, rid, event in events:
+        latest[event["rule"]["id"]] = (seq, rid, event["rule"])
+        if event["version"] is not None:
+            versions[(event["rule"]["id"], event["version"]["version"])] = (seq, rid, event["version"])
+    issues = []
+    for row in conn.execute(sa.select(rule_versions)):
+        key = (row.rule_id, row.version)
+        if key not in versions:
+            issues.append((unknown_seq, None, f"rule {row.rule_id} version {row.version} has no audit record: it was "
+                           "added behind the store's back"))
+            continue
+        seq, rid, recorded = versions.pop(key)
+        v = _version(row)
+        content = version_sha256(v.text, v.anchor, v.members)
+        differ = [k for k in ("sha256", "created_by", "created_us") if recorded[k] != getattr(v, k)]
+        if content != v.sha256:
+            differ.append("content")
+        if differ:
+            issues.append((seq, rid, f"rule {row.rule_id} version {row.version}: {', '.join(differ)} differ from "
+                           "its audit record"))
+    for (rule_id, number), (seq, rid, _) in versions.items():
+        issues.append((seq, rid, f"rule {rule_id} version {number} was deleted from the rule tables"))
+    for row in conn.execute(sa.select(rules)):
+        if row.rule_id not in latest:
+            issues.append((unknown_seq, None, f"rule {row.rule_id} has no audit record: it was added behind the "
+                           "store's back"))
+            continue
+        seq, rid, recorded = latest.pop(row.rule_id)
+        differ = [k for k in ("label", "kind", "retired_us", "retired_by") if recorded[k] != getattr(row, k)]
+        if differ:
+            issues.append((seq, rid, f"rule {row.rule_id}: {', '.join(differ)} differ from its audit records"))
+    for rule_id, (seq, rid, _) in latest.items():
+        issues.append((seq, rid, f"rule {rule_id} was deleted from the rule tables"))
+    return issues

@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from .keys import key_from_row
+from .rules import check_rules
 from .query import tenant_clause
 from .records import Header, NotFound, link_hash, sha256_hex
 from .schema import (
@@ -54,8 +55,8 @@ class RecordProof:
 
 def verify_chain(conn: Connection, trusted: dict[str, Any], checkpoints: Iterable[Checkpoint] = (),
                  chunk: int = 2000) -> VerifyReport:
-    """Check every link, content hash, payload hash and signed checkpoint, and the key table against
-    the key records; report the first broken link. ``trusted``: public keys by key id (signatures by
+    """Check every link, content hash, payload hash and signed checkpoint, and the key and rule tables
+    against the key and rule records; report the first broken link. ``trusted``: public keys by key id (signatures by
     others are counted, not checked). ``checkpoints`` adds signed checkpoints kept outside the database
     (``read_checkpoint_log``); a checkpoint beyond the last record means deletion. Run it in one
     transaction (a consistent snapshot)."""
@@ -76,6 +77,7 @@ def verify_chain(conn: Connection, trusted: dict[str, Any], checkpoints: Iterabl
     missing: dict[int, str] = {}
     covered: set[int] = set()
     key_state: dict[str, tuple[int, str, dict]] = {}
+    rule_events: list[tuple[int, str, dict]] = []
     broken = False
     while not broken:
         rows = conn.execute(sa.select(audit_records).where(audit_records.c.seq >= expected)
@@ -104,6 +106,8 @@ def verify_chain(conn: Connection, trusted: dict[str, Any], checkpoints: Iterabl
             elif r.kind == "key":
                 event = orjson.loads(body)
                 key_state[event["key"]["key_id"]] = (r.seq, r.record_id, event)
+            elif r.kind == "rule":
+                rule_events.append((r.seq, r.record_id, orjson.loads(body)))
             for cp in want.get(r.seq, ()):
                 if cp.chain_hash != r.chain_hash:
                     issues.append(BrokenLink(r.seq, r.record_id,
@@ -125,6 +129,7 @@ def verify_chain(conn: Connection, trusted: dict[str, Any], checkpoints: Iterabl
         if seq not in covered:
             issues.append(BrokenLink(seq, rid, "payload deleted without a redaction record"))
     issues += check_keys(conn, key_state, head.seq + 1)
+    issues += [BrokenLink(*problem) for problem in check_rules(conn, rule_events, head.seq + 1)]
     first = min(issues, key=lambda b: b.seq) if issues else None
     return VerifyReport(first is None, checked, head.seq, head.chain_hash, first, signed_seq, valid,
                         untrusted, len(missing) - sum(1 for s in missing if s not in covered))
