@@ -81,6 +81,21 @@ async def test_models_shows_the_same_provenance_as_the_records(localist_server, 
     assert model["dial_scope"] == "all"  # the session model has no dial_scope in a localist.json
 
 
+async def test_the_report_and_the_cli_show_the_provenance_and_the_dial_scope(localist_server, api, capsys):
+    body = await chat(api, localist_server.model, dial_scope="evidence")
+    record = (await api.get(f"/v1/audit/{body['id']}")).json()
+    provenance = record["request"]["provenance"]
+    page = (await api.get(f"/v1/audit/{body['id']}/report", params={"format": "html"})).text
+    assert "<tr><th>Dial scope</th><td>evidence</td></tr>" in page
+    assert f"checkpoint <code>{provenance['checkpoint_sha256']}</code> (safetensors" in page
+    assert f"{provenance['dtype']}, attention ISA {provenance['attention_isa']}, tensor parallel 1" in page
+    assert localist_cli(["audit", "show", body["id"], "--url", localist_server.base_url,
+                         "--api-key", localist_server.admin_key]) == 0
+    out = capsys.readouterr().out
+    assert f"served  checkpoint {provenance['checkpoint_sha256'][:16]}… (safetensors)   float32" in out
+    assert ", scope evidence" in out
+
+
 def test_a_sharded_checkpoint_is_identified_by_its_sha256sum_listing(tmp_path):
     for name, data in (("model-00002-of-00002.safetensors", b"second"), ("model-00001-of-00002.safetensors", b"first")):
         (tmp_path / name).write_bytes(data)
