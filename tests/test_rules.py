@@ -88,6 +88,45 @@ def test_verification_names_rule_tables_edited_behind_the_stores_back(tmp_path, 
         assert not report.ok and reason in report.first_broken.reason, report.first_broken
 
 
+# --------------------------------------------------------------------------- the probe's arithmetic
+
+
+def _probe_table():
+    from localist.model.blocks import BlockTable
+
+    spans = [[0, 1, "sink", 1, 0, "sink"], [1, 3, "rule", 0, 0, "A@1"], [3, 5, "rule", 0, 0, "B@1"],
+             [5, 6, "document", 0, 0, "C@1"], [6, 8, "text", 0, 0, "prompt"], [8, 8, "response", 0, 0, "response"]]
+    return BlockTable.from_wire(spans, list(range(8)))
+
+
+@pytest.mark.parametrize("heads, own, top, separable", [
+    # π per head over (sink, A, B, C, prompt, response); the probe token is the query at the prompt's end
+    ([[0.2, 0.5, 0.1, 0.1, 0.1, 0.0], [0.4, 0.3, 0.1, 0.1, 0.1, 0.0]], "A@1", "A@1", True),  # q_A/q_B = 4
+    ([[0.2, 0.3, 0.2, 0.1, 0.2, 0.0], [0.2, 0.3, 0.2, 0.1, 0.2, 0.0]], "A@1", "A@1", False),  # ratio 1.5 < 2
+    ([[0.2, 0.1, 0.5, 0.1, 0.1, 0.0], [0.2, 0.1, 0.5, 0.1, 0.1, 0.0]], "A@1", "B@1", False),  # another block on top
+])
+def test_anchor_probe_is_the_response_attribution_over_candidates(heads, own, top, separable):
+    """q is π averaged over layers and heads (model.metrics' response attribution) restricted to the
+    candidate blocks and renormalised; the figures follow from it."""
+    import torch
+
+    from localist.model.attention import BlockStats
+    from localist.server.rules import anchor_probe
+
+    mass = torch.tensor(heads, dtype=torch.float32).view(1, 1, 2, 6).expand(1, 3, 2, 6).clone()  # T=1, L=3, H=2
+    probe = anchor_probe(BlockStats(mass.log(), mass, torch.zeros_like(mass)), _probe_table(), own, "[A]")
+    pi = torch.tensor(heads, dtype=torch.float64).mean(0)[1:4]
+    q = pi / pi.sum()
+    H = float(-(q * q.log()).sum())
+    ranked = sorted(q.tolist(), reverse=True)
+    assert (probe.top_block, probe.separable) == (top, separable)
+    assert probe.needed_nats == pytest.approx(math.log(3))
+    assert probe.entropy_nats == pytest.approx(H, abs=1e-6)
+    assert probe.information_nats == pytest.approx(math.log(3) - H, abs=1e-6)
+    assert probe.own_share == pytest.approx(float(q[0]), abs=1e-6)
+    assert probe.margin_nats == pytest.approx(math.log(ranked[0] / ranked[1]), abs=1e-6)
+
+
 # --------------------------------------------------------------------------- the server
 
 
