@@ -88,7 +88,20 @@ def render(figures: list[dict], counts, defects, rc: int, seconds: float) -> str
     tamper = [f for f in by["durability"] if "tampering" in f]
     if tamper:
         out += ["## Tampering named by verify", ""] + table(tamper, ["tampering", "chain_breaks_detected", "of"]) + [""]
-    for section in sorted(set(by) - {"hostile", "schema fuzz", "tenant walls", "durability"}):
+    backups = [f for f in by["durability"] if "backup" in f]
+    if backups:
+        out += ["## Backup → restore → verify (taken while the server runs; docs/server.md)", ""]
+        out += table(backups, ["backup", "commands", "records_restored", "restored_chain_ok", "signatures_valid"]) + [""]
+    if by["outages"]:
+        out += ["## Outages: the audit database goes away under load and comes back (same server process)", ""]
+        out += table(by["outages"], ["backend", "outage", "acknowledged", "refused_503", "in_band_errors",
+                                     "other_answers", "records_lost", "chain_ok", "detected_s", "outage_s",
+                                     "recovery_s", "first_200_after_s"]) + [""]
+        out += ["`detected_s`: from the outage to `/health` 503; `recovery_s`: from the database back to `/health` "
+                "200; `first_200_after_s`: to the first acknowledged generation sent after it. Requests sent while "
+                "`/health` said unavailable: all 503 with Retry-After. "
+                f"**Records lost: {sum(f['records_lost'] for f in by['outages'])}** (must be 0).", ""]
+    for section in sorted(set(by) - {"hostile", "schema fuzz", "tenant walls", "durability", "outages"}):
         columns = sorted({k for f in by[section] for k in f} - {"section", "at"})
         out += [f"## {section.capitalize()}", ""] + table(by[section], columns) + [""]
     if defects:

@@ -225,6 +225,30 @@ def _keys_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _store_backup(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        try:
+            store.backup(args.out)
+        except ValueError as exc:
+            print(f"localist store backup: {exc}", file=sys.stderr)
+            return 2
+    print(f"backed up to {args.out}; check it with: localist store verify --db sqlite:///{Path(args.out).resolve()}")
+    return 0
+
+
+def _store_verify(args: argparse.Namespace) -> int:
+    """The whole chain and its signatures, read from the database directly (no server needed)."""
+    import dataclasses
+
+    from localist.server.store import read_checkpoint_log
+
+    checkpoints = read_checkpoint_log(args.checkpoint_log) if args.checkpoint_log else ()
+    with _store(args) as store:
+        report = store.verify(public_keys=args.public_key or [], checkpoints=checkpoints)
+    print(json.dumps(dataclasses.asdict(report)))
+    return 0 if report.ok else 1
+
+
 def _keys_revoke(args: argparse.Namespace) -> int:
     from localist.server.store import NotFound
 
@@ -333,6 +357,21 @@ def add_commands(subparsers) -> None:
     revoke = keys_sub.add_parser("revoke", help="revoke a key by its id")
     revoke.add_argument("key_id")
     revoke.set_defaults(func=_keys_revoke)
+    store = subparsers.add_parser("store", help="back up or verify the audit store directly (no server needed)")
+    store_sub = store.add_subparsers(dest="store_command", metavar="ACTION", required=True)
+    backup = store_sub.add_parser("backup", help="copy an SQLite store with the online backup API (safe while "
+                                  "the server writes); PostgreSQL: pg_dump")
+    backup.add_argument("out", metavar="OUT.db", help="the backup file to create")
+    backup.set_defaults(func=_store_backup)
+    verify = store_sub.add_parser("verify", help="check the hash chain and the head signatures; exit 1 if broken")
+    verify.add_argument("--public-key", action="append", metavar="PEM",
+                        help="a trusted signing key (public or private PEM; repeatable); none: signatures are "
+                        "counted as untrusted, the chain is still checked")
+    verify.add_argument("--checkpoint-log", help="checkpoints kept outside the database: the file beside the "
+                        "signing key (signing.checkpoints.jsonl for signing.pem)")
+    verify.set_defaults(func=_store_verify)
+    for p in (backup, verify):
+        p.add_argument("--db", help="audit store URL (default: $LOCALIST_DB_URL or sqlite under $LOCALIST_HOME)")
     for p in (create, listing, revoke):
         p.add_argument("--db", help="audit store URL, used directly (default: $LOCALIST_DB_URL or sqlite under "
                        "$LOCALIST_HOME)")

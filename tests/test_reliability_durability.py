@@ -9,9 +9,10 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
-import socket
-import sqlite3
+import subprocess
+import sys
 import time
 
 import httpx
@@ -239,18 +240,47 @@ def test_verify_names_the_first_edited_reordered_or_deleted_record(deployment, a
     record("durability", tampering="edit, reorder, delete", chain_breaks_detected=detected, of=3)
 
 
+def _localist(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "localist.clients.cli", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
 def test_backup_restores_and_verifies(deployment, after_kill, tmp_path):
-    if not deployment.db_url.startswith("sqlite"):
-        pytest.skip("the PostgreSQL backup (pg_dump / pg_restore) is not exercised here yet")
-    source = deployment.db_url.removeprefix("sqlite:///")
-    backup = tmp_path / "backup.db"
-    with sqlite3.connect(source) as live, sqlite3.connect(backup) as copy:
-        live.backup(copy)  # the online backup API, as `sqlite3 audit.db ".backup backup.db"` does
-    restored = tmp_path / "restored.db"
-    restored.write_bytes(backup.read_bytes())
-    with AuditStore(f"sqlite:///{restored}") as store:
-        report = store.verify(public_keys=[])
-    assert report.ok and report.checked >= len(after_kill[0])
+    """The commands of docs/server.md ("Backup and restore"), taken while the restarted server runs:
+    SQLite with `localist store backup` (the online backup API), PostgreSQL with pg_dump / pg_restore
+    into a new database; then `localist store verify` on the restored copy, with the signing keys."""
+    if deployment.db_url.startswith("sqlite"):
+        backup = tmp_path / "backup.db"
+        done = _localist("store", "backup", "--db", deployment.db_url, str(backup))
+        assert done.returncode == 0, done.stderr
+        restored = tmp_path / "restored.db"
+        shutil.copyfile(backup, restored)  # restore: the backup file put where the server's --db points
+        restored_url = f"sqlite:///{restored}"
+    else:
+        from pg import PG_BIN, fresh_database
+
+        libpq = deployment.db_url.replace("postgresql+psycopg://", "postgresql://")
+        dump = tmp_path / "audit.dump"
+        subprocess.run([str(PG_BIN / "pg_dump"), "--format=custom", f"--file={dump}", libpq], check=True,
+                       capture_output=True)
+        restored_url = fresh_database(deployment.db_url.rsplit("/", 1)[0] + "/postgres")
+        subprocess.run([str(PG_BIN / "pg_restore"), "--no-owner", "--exit-on-error",
+                        f"--dbname={restored_url.replace('postgresql+psycopg://', 'postgresql://')}", str(dump)],
+                       check=True, capture_output=True)
+    keys = [arg for run in (1, 2) for arg in ("--public-key", str(deployment.signing_key(run)))]
+    done = _localist("store", "verify", "--db", restored_url, *keys)
+    report = json.loads(done.stdout)
+    assert done.returncode == 0 and report["ok"] and report["first_broken"] is None, (done.stdout, done.stderr)
+    assert report["checked"] >= len(after_kill[0]) and report["signatures_valid"] >= 1, report
+    # a restored copy that was changed is caught by the same command
+    run_sql(restored_url, "UPDATE audit_payloads SET body = replace(body, 'Request', 'Reqvest') "
+            "WHERE seq = (SELECT min(seq) FROM audit_records WHERE kind = 'request')")
+    broken = _localist("store", "verify", "--db", restored_url, *keys)
+    assert broken.returncode == 1 and not json.loads(broken.stdout)["ok"], broken.stdout
+    record("durability", backup=deployment.db_url.split(":")[0],
+           commands="localist store backup" if deployment.db_url.startswith("sqlite") else "pg_dump / pg_restore",
+           records_restored=report["checked"], restored_chain_ok=report["ok"],
+           signatures_valid=report["signatures_valid"])
 
 
 def test_old_checkpoints_verify_with_the_old_key_after_rotation(deployment, after_kill):

@@ -1,7 +1,8 @@
 """Soak (only under `make reliability`): about 10 minutes of mixed traffic (streams, streams the client
 aborts, plain requests, completions, refused requests) against a server of its own. After a 2-minute
 warm-up the resident memory of the server and its engine processes grows by ≤ 50 MB in total and
-≤ 2 MB/min; no request is lost (every answered or aborted request has its record); the engine ends idle.
+≤ 2 MB/min; no request is lost (every answered or aborted request has its record); the engine ends idle
+and its workers' statistics store empty.
 ``LOCALIST_SOAK_S`` and ``LOCALIST_SOAK_WARMUP_S`` shorten it for a trial run.
 """
 from __future__ import annotations
@@ -131,7 +132,8 @@ def test_soak(tmp_path):
     counts = result["counts"]
     record("soak", minutes=round(DURATION_S / 60, 1), **counts, records_lost=len(lost),
            rss_start_mb=round(after[0][1]), rss_end_mb=round(after[-1][1]), growth_mb=round(growth, 1),
-           drift_mb_per_min=round(slope, 2))
+           drift_mb_per_min=round(slope, 2), stats_held_at_end=health["engine_stats_held"])
     assert counts["5xx"] == 0 and lost == []
     assert health["engine_requests"] == 0
+    assert health["engine_stats_held"] == 0  # every request, aborted ones too, freed its worker statistics
     assert growth <= 50 and slope <= 2, (growth, slope, samples)
