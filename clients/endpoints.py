@@ -103,10 +103,12 @@ def _messages(messages: Messages) -> list[dict[str, Any]]:
     return [dict(m) for m in messages]
 
 
-def _blocks(blocks: Iterable[BlockSpec | Mapping[str, Any]] | None) -> list[dict[str, Any]] | None:
-    """Blocks checked field by field before sending, so a typo fails here with the field's name."""
-    if blocks is None:
-        return None
+def _blocks(blocks: Iterable[BlockSpec | Mapping[str, Any]] | Literal["auto"] | None
+            ) -> list[dict[str, Any]] | Literal["auto"] | None:
+    """Blocks checked field by field before sending, so a typo fails here with the field's name; `auto`
+    (the server segments, docs/theory.md §6) as is."""
+    if blocks is None or blocks == "auto":
+        return blocks
     out = []
     for spec in blocks:
         spec = spec if isinstance(spec, BlockSpec) else BlockSpec.model_validate(dict(spec), extra="forbid")
@@ -310,7 +312,7 @@ class _Endpoints:
 
     @call
     def chat(self, messages: Messages, *, model: str | None = None, locality: Locality = None,
-             blocks: Iterable[BlockSpec | Mapping[str, Any]] | None = None, target_block: str | int | None = None,
+             blocks: Iterable[BlockSpec | Mapping[str, Any]] | Literal["auto"] | None = None, target_block: str | int | None = None,
              audit: AuditLevel | None = None, dial_scope: DialScope | None = None, max_tokens: int | None = None,
              temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
              stop: str | list[str] | None = None, n: int | None = None, **extra: Any) -> Op[ChatCompletionResponse]:
@@ -325,7 +327,7 @@ class _Endpoints:
 
     @call
     def complete(self, prompt: str | list[int], *, model: str | None = None, locality: Locality = None,
-                 blocks: Iterable[BlockSpec | Mapping[str, Any]] | None = None, target_block: str | int | None = None,
+                 blocks: Iterable[BlockSpec | Mapping[str, Any]] | Literal["auto"] | None = None, target_block: str | int | None = None,
                  audit: AuditLevel | None = None, dial_scope: DialScope | None = None, max_tokens: int | None = None,
                  temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
                  stop: str | list[str] | None = None, n: int | None = None, **extra: Any) -> Op[CompletionResponse]:
@@ -338,7 +340,7 @@ class _Endpoints:
 
     @streamed
     def chat_stream(self, messages: Messages, *, model: str | None = None, locality: Locality = None,
-                    blocks: Iterable[BlockSpec | Mapping[str, Any]] | None = None,
+                    blocks: Iterable[BlockSpec | Mapping[str, Any]] | Literal["auto"] | None = None,
                     target_block: str | int | None = None, audit: AuditLevel | None = None,
                     dial_scope: DialScope | None = None, max_tokens: int | None = None,
                     temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
@@ -354,7 +356,7 @@ class _Endpoints:
 
     @streamed
     def complete_stream(self, prompt: str | list[int], *, model: str | None = None, locality: Locality = None,
-                        blocks: Iterable[BlockSpec | Mapping[str, Any]] | None = None,
+                        blocks: Iterable[BlockSpec | Mapping[str, Any]] | Literal["auto"] | None = None,
                         target_block: str | int | None = None, audit: AuditLevel | None = None,
                         dial_scope: DialScope | None = None, max_tokens: int | None = None,
                         temperature: float | None = None, top_p: float | None = None, seed: int | None = None,

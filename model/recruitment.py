@@ -13,7 +13,7 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 
-from localist.model.blocks import Block, BlockTable
+from localist.model.blocks import MAX_BLOCKS, Block, BlockTable
 
 SENTENCE_ENDS = (".", "?", "!", ";")
 # Blocks a split never touches: the sink is pinned, the response grows, and splitting evidence would
@@ -31,6 +31,10 @@ class Decision:
     accepted: bool
     splits: int = 1
     step: int | None = None
+    block: str | None = None  # the block split (its label before the split)
+    at: int | None = None  # the token position where the new block starts
+    candidates: int | None = None  # split points the cost's ln(#points) counts
+    scored: int | None = None  # how many of them had their gain computed exactly this round
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -49,13 +53,30 @@ def split_cost(num_points: int, num_blocks_after: int, new_params: int = 0, num_
     return cost
 
 
-def split_points(table: BlockTable, tokenizer, block: int) -> list[int]:
-    """Token positions inside ``block`` right after a sentence end (never the block's last token)."""
+UNITS = ("sentence", "paragraph")
+
+
+def split_points(table: BlockTable, tokenizer, block: int, unit: str | None = None) -> list[int]:
+    """Token positions inside ``block`` right after a sentence end (never the block's last token).
+
+    ``unit`` (serving-time segmentation) also ends a unit at a token holding a line break
+    (``"sentence"``) or only there (``"paragraph"``), and moves a point past the whitespace-only tokens
+    that follow it, so a block ends with its own line breaks and no two points name the same boundary.
+    """
+    if unit is not None and unit not in UNITS:
+        raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
     b = table.blocks[block]
     if b.kind in UNSPLITTABLE or b.pinned:
         return []
-    return [p for p in range(b.start + 1, b.end - 1)
-            if tokenizer.decode([table.token_ids[p - 1]]).rstrip().endswith(SENTENCE_ENDS)]
+    texts = [tokenizer.decode([t]) for t in table.token_ids[b.start:b.end]]
+
+    def ends(text: str) -> bool:
+        if unit is None:
+            return text.rstrip().endswith(SENTENCE_ENDS)
+        return "\n" in text or (unit == "sentence" and text.rstrip().endswith(SENTENCE_ENDS))
+
+    return [p for p in range(b.start + 1, b.end - 1) if ends(texts[p - 1 - b.start])
+            and not (unit is not None and not texts[p - b.start].strip())]
 
 
 def split_block(table: BlockTable, block: int, at: int) -> BlockTable:
@@ -71,29 +92,50 @@ def split_block(table: BlockTable, block: int, at: int) -> BlockTable:
     return out
 
 
+Gains = Callable[[BlockTable, list[tuple[int, int]]], list[float | None]]
+
+
+def nll_gains(nll: Callable[[BlockTable], float]) -> Gains:
+    """Every option's gain NLL(table) − NLL(table split there), one ``nll`` call per layout."""
+    def gains(table: BlockTable, options: list[tuple[int, int]]) -> list[float | None]:
+        current = nll(table)
+        return [current - nll(split_block(table, g, p)) for g, p in options]
+
+    return gains
+
+
 def greedy_split(
-    table: BlockTable, tokenizer, nll: Callable[[BlockTable], float], extra_cost: float = 0.0,
-    max_splits: int = 16,
+    table: BlockTable, tokenizer, nll: Callable[[BlockTable], float] | None = None, extra_cost: float = 0.0,
+    max_splits: int = 16, *, gains: Gains | None = None, unit: str | None = None, max_blocks: int = MAX_BLOCKS,
 ) -> tuple[BlockTable, list[Decision]]:
     """Greedy binary splitting of one sequence: take the best split while its gain beats its cost.
 
-    ``nll(table)`` is the sequence's NLL in nats under that layout. Each accepted step lowers
-    NLL + cost, and every cost is ≥ ln 2 > 0, so this stops (docs/theory.md §6, termination).
+    ``nll(table)`` is the sequence's NLL in nats under that layout; or ``gains(table, options)`` gives
+    each option's gain at once (None: not scored this round, so not chosen). Each accepted step lowers
+    NLL + cost, and every cost is ≥ ln 2 > 0, so this stops (docs/theory.md §6, termination); it also
+    stops at ``max_splits`` splits or ``max_blocks`` blocks. ``unit``: see :func:`split_points`.
     """
+    if gains is None:
+        if nll is None:
+            raise ValueError("greedy_split needs nll or gains")
+        gains = nll_gains(nll)
     decisions: list[Decision] = []
-    current = nll(table)
     for _ in range(max_splits):
-        options = [(g, p) for g in range(table.num_blocks) for p in split_points(table, tokenizer, g)]
+        if table.num_blocks >= max_blocks:
+            break
+        options = [(g, p) for g in range(table.num_blocks) for p in split_points(table, tokenizer, g, unit)]
         if not options:
             break
         cost = split_cost(len(options), table.num_blocks + 1, extra=extra_cost)
-        scored = [(current - nll(split_block(table, g, p)), g, p) for g, p in options]
+        scored = [(gain, g, p) for gain, (g, p) in zip(gains(table, options), options) if gain is not None]
         gain, g, p = max(scored)
         accepted = gain > cost
-        decisions.append(Decision(f"split {table.blocks[g].label} at {p}", gain, cost, accepted))
+        label = table.blocks[g].label
+        decisions.append(Decision(f"split {label} at {p}", gain, cost, accepted, block=label, at=p,
+                                  candidates=len(options), scored=len(scored)))
         if not accepted:
             break
-        table, current = split_block(table, g, p), current - gain
+        table = split_block(table, g, p)
     return table, decisions
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from localist.clients import contract as C
@@ -22,6 +23,8 @@ from localist.server.engine import Engine, EngineRequest, Sampling
 from localist.server.exceptions import Conflict, InvalidRequest, UnknownModel
 
 RESERVED_KINDS = ("sink", "response")
+# blocks: "auto": (table, spec, max_blocks) → the segmented table and its decisions
+Segment = Callable[[BlockTable, C.SegmentationSpec, int], tuple[BlockTable, C.Segmentation]]
 MAX_STOP = 4
 
 
@@ -46,6 +49,7 @@ class Plan:
     anchors: list[C.AnchorCheck] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     provenance_differences: list[C.ProvenanceDifference] | None = None  # replay: the record's vs the server's
+    segmentation: C.Segmentation | None = None  # blocks: "auto" (server/segmentation.py)
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -110,7 +114,7 @@ def chat_table(engine: Engine, req: C.ChatCompletionRequest, max_blocks: int,
                rule_blocks: list[C.BlockSpec] = ()) -> BlockTable:
     """One block per message; placed blocks (injected rules first) go into one system message before the
     conversation."""
-    blocks = req.blocks or []
+    blocks = req.block_specs()
     _check_specs(blocks, "chat")
     if len(req.messages) + 2 > max_blocks:  # a block per message, the sink and the response, at least
         raise BlockError("messages", f"{len(req.messages)} messages make at least {len(req.messages) + 2} blocks "
@@ -141,7 +145,7 @@ def completion_table(engine: Engine, req: C.CompletionRequest, max_blocks: int,
                      rule_blocks: list[C.BlockSpec] = ()) -> BlockTable:
     """Placed blocks (injected rules first) before the prompt, spans inside it; a token-id prompt takes
     token spans."""
-    blocks = req.blocks or []
+    blocks = req.block_specs()
     _check_specs(blocks, "completions")
     if isinstance(req.prompt, list):
         if not req.prompt:
@@ -236,13 +240,27 @@ def _logprobs(req: C.ChatCompletionRequest | C.CompletionRequest, endpoint: str)
 
 
 def plan(engine: Engine, req: C.ChatCompletionRequest | C.CompletionRequest, endpoint: str,
-         default_rho: float = 0.0, max_blocks: int = MAX_BLOCKS, rule_blocks: list[C.BlockSpec] = ()) -> Plan:
+         default_rho: float = 0.0, max_blocks: int = MAX_BLOCKS, rule_blocks: list[C.BlockSpec] = (),
+         segment: Segment | None = None) -> Plan:
     """Validate everything and build the engine requests; raises UnknownModel, BlockError or InvalidRequest.
-    ``rule_blocks``: the request's ``rules`` resolved to placed blocks (``localist.server.rules``)."""
+    ``rule_blocks``: the request's ``rules`` resolved to placed blocks (``localist.server.rules``);
+    ``segment``: what splits the table of a ``blocks: "auto"`` request (``localist.server.segmentation``).
+    Segmentation sees every block free (dial scope `all`): under scope `evidence` the blocks it could
+    split are pinned and every gain would be 0."""
     if req.model != engine.name:
         raise UnknownModel(f"model: the model {req.model!r} does not exist; this server serves {engine.name!r}")
     table = (chat_table(engine, req, max_blocks, rule_blocks) if endpoint == "chat"
              else completion_table(engine, req, max_blocks, rule_blocks))
+    segmentation = None
+    if req.blocks == "auto":
+        if segment is None:
+            raise InvalidRequest("blocks", "`auto` segmentation is not available on this path")
+        if endpoint == "completions" and isinstance(req.prompt, list):
+            raise InvalidRequest("blocks", "`auto` needs a text prompt: a token-id prompt has no sentence ends to split at")
+        _max_tokens(engine, req, endpoint, len(table.token_ids))  # a prompt too long is refused before the search
+        table, segmentation = segment(table, req.segmentation or C.SegmentationSpec(), max_blocks)
+    elif req.segmentation is not None:
+        raise InvalidRequest("segmentation", "only with `blocks: \"auto\"`")
     dial_scope = req.dial_scope or engine.default_dial_scope
     table = with_dial_scope(table, dial_scope)
     rho = resolve_rho(req.locality if req.locality is not None else default_rho, engine.num_layers)
@@ -259,7 +277,9 @@ def plan(engine: Engine, req: C.ChatCompletionRequest | C.CompletionRequest, end
         stop=stop, max_tokens=max_tokens, logprobs=logprobs, ignore_eos=req.ignore_eos,
     ) for i in range(req.n)]
     request_id = ("chatcmpl-" if endpoint == "chat" else "cmpl-") + uuid.uuid4().hex
-    return _plan(engine, endpoint, request_id, req, table, rho, preset, dial_scope, target, sampling)
+    out = _plan(engine, endpoint, request_id, req, table, rho, preset, dial_scope, target, sampling)
+    out.segmentation = segmentation
+    return out
 
 
 def _plan(engine: Engine, endpoint: str, request_id: str, req, table: BlockTable, rho: list[float],

@@ -172,6 +172,9 @@ class RuleService:
                             "sha256": version.sha256})
             blocks.append(ProbeBlock(f"{rule.label}@{version.version}", version.anchor,
                                      injected_text(version.anchor, version.text)))
+        room = self.generation.max_blocks - 3  # the probe's table also holds the sink, the query and the response
+        if len(blocks) > room:
+            raise InvalidRequest("rules", f"{len(blocks)} rules: a rulebook this server can probe holds at most {room}")
         probe = (await self.probe(blocks, source="")).model_dump(mode="json", exclude={"source"})
         stored = await self.store.acreate_rule_version(members=members, probe=probe, **common)
         return rule_wire(stored)

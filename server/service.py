@@ -28,6 +28,7 @@ from localist.server.observability import Prometheus
 from localist.server.store import StoreUnavailable
 from localist.server import planning
 from localist.server.planning import Plan
+from localist.server.segmentation import ServedSegmenter
 
 log = logging.getLogger("localist.server")
 
@@ -77,15 +78,18 @@ class GenerationService:
     def __init__(self, engine: Engine, store, prometheus: Prometheus, default_rho: float, max_blocks: int):
         self.engine, self.store, self.prometheus = engine, store, prometheus
         self.default_rho, self.max_blocks = default_rho, max_blocks
+        self.segmenter = ServedSegmenter(engine)
         self._background: set[asyncio.Task] = set()
 
     # -- planning -------------------------------------------------------------------------------
 
-    def plan(self, req: C.ChatCompletionRequest | C.CompletionRequest, endpoint: str,
-             rule_blocks: list[C.BlockSpec] = ()) -> Plan:
+    async def plan(self, req: C.ChatCompletionRequest | C.CompletionRequest, endpoint: str,
+                   rule_blocks: list[C.BlockSpec] = ()) -> Plan:
         """The request checked and planned (``rule_blocks``: its ``rules`` resolved by ``server/rules.py``);
         then the engine must be serving (503 otherwise)."""
-        plan = planning.plan(self.engine, req, endpoint, self.default_rho, self.max_blocks, rule_blocks)
+        plan = (await asyncio.to_thread(planning.plan, self.engine, req, endpoint, self.default_rho, self.max_blocks,
+                                        rule_blocks, self.segmenter) if req.blocks == "auto"  # seconds: off the loop
+                else planning.plan(self.engine, req, endpoint, self.default_rho, self.max_blocks, rule_blocks))
         self.engine.ensure_serving()
         self.store.ensure_available()  # during an outage nothing could be recorded: 503 before any work
         return plan
@@ -210,7 +214,7 @@ class GenerationService:
                 presence_penalty=first.presence_penalty, frequency_penalty=first.frequency_penalty),
             body=req.model_dump(mode="json", exclude_none=True), dial_scope=plan.dial_scope,
             rules=plan.rules or None,
-            provenance=wire.provenance(engine))
+            provenance=wire.provenance(engine), segmentation=plan.segmentation)
         output = C.RecordOutput(
             choices=[C.RecordChoice(index=c.index, text=c.output.text, token_ids=c.output.token_ids,
                                     finish_reason=c.output.finish_reason) for c in run.choices],

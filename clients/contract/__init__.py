@@ -72,6 +72,7 @@ from .metrics import (
     TokenMetrics,
 )
 from .rules import AnchorCheck, AnchorProbe, InjectedRule, Rule, RuleCreate, RuleList, RuleMember, RuleUse, RuleVersion
+from .segmentation import Segmentation, SegmentationSpec, SplitDecision
 from .service import (
     CheckpointFile,
     ErrorBody,
@@ -88,6 +89,7 @@ from .service import (
 )
 
 __all__ = [
+    "Segmentation", "SegmentationSpec", "SplitDecision",
     "AnchorCheck", "AnchorProbe", "AssistantMessage", "AuditLevel", "AuditList", "AuditRecord", "AuditReport",
     "AuditSummary", "BlockInfo", "BlockSpec", "BrokenLink", "ChatChoice", "ChatChunkChoice",
     "ChatCompletionChunk", "ChatCompletionRequest", "ChatCompletionResponse", "ChatDelta", "ChatLogprobs",

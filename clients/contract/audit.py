@@ -14,6 +14,7 @@ from .base import AuditLevel, DialScope, FinishReason, RecordStatus, RequestMode
 from .generation import Usage
 from .metrics import BlockInfo, LocalistResult
 from .rules import InjectedRule
+from .segmentation import Segmentation
 from .service import Provenance, ProvenanceDifference
 
 # --------------------------------------------------------------------------- the payload of a request record
@@ -54,6 +55,8 @@ class RecordRequest(WireModel):
                                                "absent in records written before the field existed (they used `all`).")
     provenance: Provenance | None = added_later("The served checkpoint and engine; absent in records written "
                                                 "before the field existed.")
+    segmentation: Segmentation | None = added_later("`blocks: \"auto\"`: every split decision (position, exact gain, "
+                                                    "cost, accepted); absent otherwise.")
 
 
 class RecordChoice(WireModel):

@@ -11,6 +11,7 @@ from pydantic import Field
 
 from .base import AuditLevel, DialScope, FinishReason, Preset, RequestModel, WireModel
 from .metrics import LocalistDelta, LocalistResult
+from .segmentation import SegmentationSpec
 
 # --------------------------------------------------------------------------- locality extensions (request)
 
@@ -45,9 +46,14 @@ class LocalityFields(RequestModel):
         description="The dial ρ ∈ [0, 1]: one number for all layers, a list with one value per layer, or a "
         "preset (`distributed` = 0, `balanced` = 0.5, `localist` = 0.9). Default: the server's (0).",
     )
-    blocks: list[BlockSpec] | None = Field(
-        None, description="Labelled rules/documents. Default: one block per chat message (the prompt for completions)."
+    blocks: list[BlockSpec] | Literal["auto"] | None = Field(
+        None, description="Labelled rules/documents. Default: one block per chat message (the prompt for completions). "
+        "`auto`: each message (the prompt) starts as one block and is split where the served model gains more "
+        "nats than the split costs (docs/theory.md §6; `segmentation` says how; decisions in the record)."
     )
+    segmentation: SegmentationSpec | None = Field(
+        None, description="With `blocks: \"auto\"`: the dial, split unit and extra cost of the segmentation "
+        "(defaults: ρ_seg 0.9, sentence, 0 nats).")
     target_block: str | int | None = Field(
         None, description="Ground-truth block for pointer fidelity: a block label or a block id."
     )
@@ -65,6 +71,10 @@ class LocalityFields(RequestModel):
     anchors: Literal["check"] | None = Field(
         None, description="`check`: probe the anchor of every placed candidate block (injected rules and text "
         "blocks) under the served model before answering; the result is in `localist.anchors`.")
+
+    def block_specs(self) -> list[BlockSpec]:
+        """The blocks the request spells out (none for `auto` or when absent)."""
+        return [] if self.blocks is None or self.blocks == "auto" else self.blocks
 
 
 # --------------------------------------------------------------------------- OpenAI request fields
