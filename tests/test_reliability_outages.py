@@ -244,3 +244,38 @@ def test_sqlite_disk_full_under_load(tmp_path):
     with _tmpfs(tmp_path / "disk", TMPFS_SIZE) as disk:
         deployment = Deployment(tmp_path, f"sqlite:///{disk / 'audit.db'}")
         deployment.run("sqlite", lambda: _fill(disk), lambda: (disk / "filler").unlink())
+
+
+def test_store_outage_ends_by_itself(tmp_path):
+    """The store alone: a write on a full disk raises StoreUnavailable and starts an outage (refused
+    before any work, said in `availability`); freeing the disk ends it within a few probes; the chain
+    holds exactly the records that were committed."""
+    from test_store import make_record
+
+    from localist.server.store import StoreUnavailable
+
+    if os.geteuid() != 0:
+        pytest.fail("mounting the test's tmpfs needs root (this machine kind runs the tests as root)")
+    with _tmpfs(tmp_path / "disk", "4m") as disk, AuditStore(f"sqlite:///{disk / 'audit.db'}") as store:
+        store.record(make_record(0))
+        _fill(disk)
+        committed = 1
+        with pytest.raises(StoreUnavailable, match="database or disk is full"):
+            for i in range(1, 10_000):  # pages left in the database file take a few records
+                store.record({**make_record(i), "output": {"text": "x" * 4000}})
+                committed += 1
+        outage = store.availability.outage
+        assert outage is not None and "full" in outage.reason
+        with pytest.raises(StoreUnavailable):
+            store.ensure_available()
+        time.sleep(2.5)  # probes meanwhile fail: still out
+        assert store.availability.outage is not None
+        (disk / "filler").unlink()
+        deadline = time.monotonic() + 10
+        while store.availability.outage is not None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert store.availability.outage is None and store.availability.last_outage_s >= 2.5
+        store.ensure_available()
+        store.record(make_record(10_000))
+        report = store.verify()
+        assert report.ok and report.checked == committed + 1
