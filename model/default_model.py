@@ -18,6 +18,7 @@ import fcntl
 import importlib.util
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -120,6 +121,8 @@ def merged_model_dir(gguf: str | Path, adapter: str | Path, home: str | Path,
             return out
         if out.exists():
             raise FileExistsError(f"{out} exists but holds no model (config.json missing): remove it to rebuild")
+        for stale in out.parent.glob(f".{out.name}-*"):  # left by a build that was killed: its lock is free now
+            shutil.rmtree(stale, ignore_errors=True)
         started = time.monotonic()
         progress(f"first use of {gguf.name} + {adapter.name}: building {out} once (dequantize, merge, write)")
         with tempfile.TemporaryDirectory(prefix=f".{out.name}-", dir=out.parent) as work:

@@ -65,6 +65,8 @@ print(merged_model_dir(sys.argv[1], sys.argv[2], sys.argv[3]))
 def test_first_use_merges_once_even_when_two_processes_start_together(tmp_path):
     adapter, home = random_adapter(tmp_path / "adapter"), tmp_path / "home"
     gguf = base_gguf()
+    killed = home / "models" / f".{cache_key(gguf, adapter)}-killed"  # what a build killed half-way leaves
+    (killed / "base").mkdir(parents=True)
     cmd = [sys.executable, "-c", MERGE_IN_A_PROCESS, str(gguf), str(adapter), str(home)]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=900) for p in procs]
@@ -76,7 +78,7 @@ def test_first_use_merges_once_even_when_two_processes_start_together(tmp_path):
     logs = [err for _, err in outs]
     assert sum("1/3 dequantizing" in e for e in logs) == 1 and sum("waiting for another process" in e for e in logs) <= 1
     assert any("default model ready" in e for e in logs)
-    # nothing half-written is left beside it: only the folder and its lock file
+    # nothing half-written is left beside it, not even the killed build's: only the folder and its lock file
     assert sorted(p.name for p in expected.parent.iterdir()) == sorted([expected.name, f".{expected.name}.lock"])
 
     provenance = json.loads((expected / PROVENANCE_FILE).read_text())
