@@ -114,7 +114,7 @@ class StoreContract:
         with engine.connect() as conn:
             assert set(sa.inspect(conn).get_table_names()) == set(metadata.tables) | {"localist_alembic_version"}
             ctx = MigrationContext.configure(conn, opts={"version_table": "localist_alembic_version"})
-            assert ctx.get_current_revision() == "0002"
+            assert ctx.get_current_revision() == "0003"
             # The migration and the query-side tables agree column for column, index for index.
             assert compare_metadata(ctx, metadata) == []
             assert conn.execute(sa.text("SELECT seq, chain_hash FROM chain_head")).one() == (0, "0" * 64)
