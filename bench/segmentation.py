@@ -2,12 +2,15 @@
 
     python bench/segmentation.py f1 --model models/localist-tiny --docs 12 --rho 0.9 --unit paragraph
     python bench/segmentation.py speed --tokens 2000
+    python bench/segmentation.py agreement --model models/localist-tiny --docs 4
 
 ``f1``: documents of ``--segments`` topics × ``--paragraphs`` paragraphs (``planted_document``), each
 segmented from one block; boundary F1 (a boundary matches within 2 characters) against the baseline
 that splits at every paragraph. ``speed``: a 2 000-token document on the small test model
 (``make_tiny_checkpoint``, as the server tests serve it), segmented at sentence ends with the default
-shortlist. Each run appends its figures, the command and the host (CPU, cores, load average) to
+shortlist. ``agreement``: the shortlisted search (window proxy, default shortlist) against exact
+greedy on the same documents at sentence points: how many rounds chose the same point and reached the
+same verdict, and whether the final layouts agree. Each run appends its figures, the command and the host (CPU, cores, load average) to
 ``bench/results/segmentation.jsonl``.
 """
 from __future__ import annotations
@@ -82,9 +85,30 @@ def run_speed(args) -> dict:
             "within_60_s": result.seconds <= 60}
 
 
+def run_agreement(args) -> dict:
+    lm = ReferenceLM.from_pretrained(args.model)
+    exact = Segmenter(lm, args.rho, shortlist=None, unit=args.unit)
+    proxy = Segmenter(lm, args.rho, shortlist=args.shortlist, unit=args.unit)
+    docs, same_layout, exact_s, proxy_s = [], 0, 0.0, 0.0
+    for seed in range(args.docs):
+        table = table_from_pieces(lm.tokenizer, [Piece(planted_document(seed, args.segments, args.paragraphs)[0],
+                                                       "doc", "user")])
+        a, b = exact.segment(table, args.extra_cost), proxy.segment(table, args.extra_cost)
+        exact_s, proxy_s = exact_s + a.seconds, proxy_s + b.seconds
+        same = [(d.at, d.accepted) for d in a.decisions] == [(d.at, d.accepted) for d in b.decisions]
+        same_layout += same
+        docs.append({"seed": seed, "tokens": len(table.token_ids), "same_decisions": same,
+                     "exact": [(d.at, round(d.gain_nats, 3), d.accepted) for d in a.decisions],
+                     "shortlist": [(d.at, round(d.gain_nats, 3), d.accepted) for d in b.decisions]})
+        print(f"doc {seed}: same decisions {same}, {a.seconds:.1f} s exact, {b.seconds:.1f} s shortlist", file=sys.stderr)
+    return {"bench": "agreement", "model": args.model, "rho": args.rho, "unit": args.unit, "shortlist": args.shortlist,
+            "docs": args.docs, "same_decisions": same_layout, "exact_seconds": round(exact_s, 1),
+            "shortlist_seconds": round(proxy_s, 1), "per_doc": docs}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=["f1", "speed"])
+    p.add_argument("what", choices=["f1", "speed", "agreement"])
     p.add_argument("--model", default="models/localist-tiny")
     p.add_argument("--docs", type=int, default=12)
     p.add_argument("--segments", type=int, default=3)
@@ -98,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     args.shortlist = args.shortlist or None
     args.unit = args.unit or ("paragraph" if args.what == "f1" else "sentence")
     began = time.time()
-    out = run_f1(args) if args.what == "f1" else run_speed(args)
+    out = {"f1": run_f1, "speed": run_speed, "agreement": run_agreement}[args.what](args)
     out.update(command="python bench/segmentation.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                host=host(), wall_s=round(time.time() - began, 1), at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
