@@ -111,14 +111,14 @@ def merged_model_dir(gguf: str | Path, adapter: str | Path, home: str | Path,
     gguf, adapter = Path(gguf), Path(adapter)
     out = Path(home) / "models" / cache_key(gguf, adapter)
     if (out / "config.json").exists():
-        return out
+        return _with_current_config(out, adapter)
     out.parent.mkdir(parents=True, exist_ok=True)
     lock = out.parent / f".{out.name}.lock"
     if not _try_lock_free(lock):
         progress(f"waiting for another process that is building {out}")
     with _exclusive(lock):
         if (out / "config.json").exists():  # built by the process that held the lock
-            return out
+            return _with_current_config(out, adapter)
         if out.exists():
             raise FileExistsError(f"{out} exists but holds no model (config.json missing): remove it to rebuild")
         for stale in out.parent.glob(f".{out.name}-*"):  # left by a build that was killed: its lock is free now
@@ -130,11 +130,27 @@ def merged_model_dir(gguf: str | Path, adapter: str | Path, home: str | Path,
             base = import_gguf(gguf, Path(work) / "base", "float32")
             progress(f"2/3 merging the LoRA adapter {adapter} ({time.monotonic() - started:.0f} s so far)")
             merged = merge_adapter(base, adapter, Path(work) / "merged")
-            layout = {"layout": {"split_kinds": []}, "dial_scope": dial_scope(adapter)}
-            (merged / LAYOUT_FILE).write_text(json.dumps(layout, indent=2) + "\n")
+            (merged / LAYOUT_FILE).write_text(_config_text(adapter))
             progress(f"3/3 moving the merged folder into place ({time.monotonic() - started:.0f} s so far)")
             os.rename(merged, out)  # atomic on one file system; the lock keeps others from racing it
         progress(f"default model ready at {out} in {time.monotonic() - started:.0f} s")
+    return out
+
+
+def _config_text(adapter: Path) -> str:
+    """``localist.json`` of the merged folder: no recruited block layout, the card's dial scope."""
+    return json.dumps({"layout": {"split_kinds": []}, "dial_scope": dial_scope(adapter)}, indent=2) + "\n"
+
+
+def _with_current_config(out: Path, adapter: Path) -> Path:
+    """``out`` with the adapter folder's current dial scope: the card may choose it again, by
+    measurement, after the weights (the cache key) were merged. Replaced in one step."""
+    text = _config_text(adapter)
+    current = out / LAYOUT_FILE
+    if not current.exists() or current.read_text() != text:  # missing in folders `localist merge` wrote before
+        fresh = out / f".{LAYOUT_FILE}.{os.getpid()}"
+        fresh.write_text(text)
+        os.replace(fresh, current)
     return out
 
 

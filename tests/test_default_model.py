@@ -99,11 +99,13 @@ def test_first_use_merges_once_even_when_two_processes_start_together(tmp_path):
     assert delta.abs().max() > 1e-4
     assert torch.allclose(merged, base + delta, atol=1e-6)
 
-    # later uses find it: nothing is rebuilt, nothing is said
+    # later uses find it: nothing is rebuilt, nothing is said; a dial scope the card chose since is taken up
     mtime = (expected / "model.safetensors").stat().st_mtime_ns
+    (adapter / "eval.json").write_text(json.dumps({"dial_scope_default": {"finetune": "all"}}))
     said: list[str] = []
     assert merged_model_dir(gguf, adapter, home, said.append) == expected
     assert said == [] and (expected / "model.safetensors").stat().st_mtime_ns == mtime
+    assert json.loads((expected / LAYOUT_FILE).read_text())["dial_scope"] == "all"
 
 
 def test_another_adapter_is_another_cache_entry(tmp_path):
