@@ -360,6 +360,24 @@ def test_inline_blocks_anchor_check(localist_server):
     assert (nothing.status_code, nothing.json()["error"]["param"]) == (400, "anchors")
 
 
+def test_concurrent_versions_and_rulebook_size(localist_server, acme):
+    """Versions are numbered under the append lock: 8 writers at once get 8 distinct numbers. A rulebook
+    larger than the probe's block table can hold is refused naming `rules`."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    s, label = localist_server, _unique("RACE")
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda i: _post(s, s.tenant_key, "/v1/rules", {"label": label, "text": f"text {i}"}),
+                                range(8)))
+    assert [a.status_code for a in answers] == [200] * 8
+    assert sorted(a.json()["latest"] for a in answers) == list(range(1, 9))
+    assert sorted(v.text for v in acme.rules.get(label).versions) == sorted(f"text {i}" for i in range(8))
+    many = [acme.rules.create(_unique("M"), f"rule {i}").label for i in range(62)]  # --max-blocks 64 − 3 = 61
+    r = _post(s, s.tenant_key, "/v1/rules", {"label": _unique("BIG"), "rules": many})
+    assert (r.status_code, r.json()["error"]["param"]) == (400, "rules"), r.text
+    _verify(s)
+
+
 async def test_async_client_and_cli(localist_server):
     s, label = localist_server, _unique("CLI")
     async with AsyncClient(s.base_url, s.tenant_key) as client:
