@@ -89,6 +89,11 @@ async def lifespan(app: FastAPI):
     engine = Engine(EngineConfig(settings.model_dir, settings.model_name, settings.max_model_len,
                                  settings.stand_in, settings.seed, settings.engine_overrides))
     engine.start()
+    try:
+        await engine.read_engine_setup()
+    except BaseException:
+        engine.shutdown()  # no engine core left behind by a refused start
+        raise
     app.state.engine = engine
     app.state.prometheus.watch_engine(engine)
     app.state.service = GenerationService(engine, store, app.state.prometheus, settings.default_rho, settings.max_blocks)
