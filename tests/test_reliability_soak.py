@@ -30,9 +30,9 @@ PORTS = range(18340, 18360)
 RULES = [{"label": "R1", "kind": "rule", "text": "Rule R1: A loan above 50000 EUR needs a second approval."}]
 
 
-def _rss_mb(proc: psutil.Process) -> float:
+def _rss_mb(procs: list[psutil.Process]) -> float:
     total = 0
-    for p in [proc, *proc.children(recursive=True)]:
+    for p in procs:
         try:
             total += p.memory_info().rss
         except psutil.NoSuchProcess:
@@ -109,12 +109,16 @@ def test_soak(tmp_path):
     with serving(args, port, tmp_path / "server.log", tmp_path / "home") as proc:
         tree = psutil.Process(proc.pid)
         start = time.monotonic()
-        samples: list[tuple[float, float]] = []
+        samples: list[tuple[float, float]] = []  # server and engine processes together
+        parts: dict[str, list[tuple[float, float]]] = {"server": [], "engine": []}  # to tell where it grows
 
         async def run() -> dict:
             traffic = asyncio.create_task(_traffic(base, key, start + DURATION_S))
             while not traffic.done():
-                samples.append((time.monotonic() - start, _rss_mb(tree)))
+                t, engine = time.monotonic() - start, tree.children(recursive=True)
+                parts["server"].append((t, _rss_mb([tree])))
+                parts["engine"].append((t, _rss_mb(engine)))
+                samples.append((t, parts["server"][-1][1] + parts["engine"][-1][1]))
                 await asyncio.sleep(10)
             return await traffic
 
@@ -132,7 +136,10 @@ def test_soak(tmp_path):
     counts = result["counts"]
     record("soak", minutes=round(DURATION_S / 60, 1), **counts, records_lost=len(lost),
            rss_start_mb=round(after[0][1]), rss_end_mb=round(after[-1][1]), growth_mb=round(growth, 1),
-           drift_mb_per_min=round(slope, 2), stats_held_at_end=health["engine_stats_held"])
+           drift_mb_per_min=round(slope, 2),
+           **{f"{part}_drift_mb_per_min": round(_slope_per_min([x for x in xs if x[0] >= WARMUP_S]), 2)
+              for part, xs in parts.items()},
+           stats_held_at_end=health["engine_stats_held"])
     assert counts["5xx"] == 0 and lost == []
     assert health["engine_requests"] == 0
     assert health["engine_stats_held"] == 0  # every request, aborted ones too, freed its worker statistics
