@@ -286,7 +286,10 @@ class Engine:
         """Statistics records the workers still hold, all ranks (0 while the engine is down)."""
         if not self.running:
             return 0
-        return sum(await self.collective_rpc("localist_stats_held"))
+        try:
+            return sum(await self.collective_rpc("localist_stats_held"))
+        except EngineUnavailable:  # it died meanwhile: its records went with it (`running` says the rest)
+            return 0
 
     async def _unless_dead(self, step: Awaitable[T], died: asyncio.Event, what: str) -> T:
         """Await ``step`` unless the engine dies first (vLLM leaves a call waiting on a dead engine core,
