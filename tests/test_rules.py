@@ -387,6 +387,9 @@ async def test_async_client_and_cli(localist_server):
     conn = ["--url", s.base_url, "--api-key", s.tenant_key]
     shown = subprocess.run([*cli, "show", label, *conn], capture_output=True, text=True, timeout=120)
     assert shown.returncode == 0 and "Async text." in shown.stdout and f"{label}@1" in shown.stdout, shown.stderr
+    chat = subprocess.run([sys.executable, "-m", "localist.clients.cli", "chat", "Which rule?", "--use-rule", label,
+                           "--max-tokens", "2", *conn], capture_output=True, text=True, timeout=120)
+    assert chat.returncode == 0 and f"rule               {label}@1 (rule {label} version 1" in chat.stdout, chat.stderr
     retired = subprocess.run([*cli, "retire", label, *conn], capture_output=True, text=True, timeout=120)
     assert retired.returncode == 0 and "retired by" in retired.stdout
     listed = subprocess.run([*cli, "list", "--all", *conn], capture_output=True, text=True, timeout=120)
