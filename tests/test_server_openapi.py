@@ -70,6 +70,17 @@ def _scope_provenance_added(where: str, old, new) -> bool:
 LIMITS_ADDED = re.compile(r"/responses/(413|431)$|/properties/(max_concurrency|rate_limit_per_min)/anyOf\[0\]/maximum$")
 
 
+# Issue 21 item 3: the request's `segmentation` added, and `blocks` also takes the string `auto`.
+SEGMENTATION_ADDED = re.compile(r"/requestBody/content/application/json/schema/properties/segmentation$")
+AUTO_BLOCKS = re.compile(r"/requestBody/content/application/json/schema/properties/blocks/anyOf$")
+
+
+def _segmentation_added(where: str, old, new) -> bool:
+    if AUTO_BLOCKS.search(where) and isinstance(old, list) and isinstance(new, list):
+        return [x for x in new if x != {"type": "string", "const": "auto"}] == old and len(new) == len(old) + 1
+    return bool(SEGMENTATION_ADDED.search(where)) and old == "<absent>"
+
+
 def test_the_api_differs_from_the_base_only_as_listed():
     """`python -m localist.server.openapi --diff REV` prints the differences."""
     try:
@@ -79,6 +90,7 @@ def test_the_api_differs_from_the_base_only_as_listed():
     unlisted = [(where, old, new) for where, old, new in shape
                 if not TYPED_PART.search(where) and not (where.endswith("/additionalProperties") and (old, new) == (True, False))
                 and not (RULES_ADDED.search(where) and old == "<absent>") and (where, old, new) != RULES_KIND
-                and not _scope_provenance_added(where, old, new) and not (LIMITS_ADDED.search(where) and old == "<absent>")]
+                and not _scope_provenance_added(where, old, new) and not (LIMITS_ADDED.search(where) and old == "<absent>")
+                and not _segmentation_added(where, old, new)]
     assert not unlisted, unlisted
     assert any(TYPED_PART.search(where) for where, _, _ in shape)
