@@ -164,6 +164,10 @@ def test_sigterm_drains_in_flight_requests_and_flushes_their_records(tmp_path):
                                      headers={"Authorization": f"Bearer {admin_key}"}) as client:
             tasks = [asyncio.create_task(one(client, i % 2 == 0)) for i in range(8)]
             await started.wait()
+            # SIGTERM only once every request is in the engine or answered: one still on its way to the server
+            # would be a new connection, refused (seen on a loaded host)
+            while (await client.get("/health")).json()["engine_requests"] + sum(t.done() for t in tasks) < len(tasks):
+                await asyncio.sleep(0.05)
             stop = time.monotonic()
             proc.send_signal(signal.SIGTERM)
             await asyncio.sleep(0.5)
