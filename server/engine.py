@@ -195,7 +195,8 @@ class Engine:
         # glibc raises its mmap threshold to the largest block freed, so the per-step tensors of the engine's
         # worker land in its heap and fragment it: in 3-min soaks the worker's RSS crept 15-23 MB/min after the
         # 2-min warm-up, all of it native heap (its Python objects and statistics records stayed flat). With a
-        # fixed threshold they go back to the OS when freed: 7-8 MB/min in the same window, and slowing.
+        # fixed threshold they go back to the OS when freed: 7-8 MB/min in the same window, 8.4 MB/min over the
+        # 4 min after warm-up of a 6-min soak (smaller, not gone: the rest is in its anonymous mappings).
         # The engine's processes read it when they start.
         os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
         settings = {"served_model_name": self.name, "max_model_len": self.max_model_len,
