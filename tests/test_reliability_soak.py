@@ -51,7 +51,7 @@ def _slope_per_min(samples: list[tuple[float, float]]) -> float:
 async def _traffic(base: str, key: str, deadline: float) -> dict:
     answered: list[str] = []
     aborted: list[str] = []
-    counts = {"sent": 0, "2xx": 0, "4xx": 0, "5xx": 0, "aborted": 0}
+    counts = {"sent": 0, "2xx": 0, "4xx": 0, "5xx": 0, "aborted": 0, "in_band_errors": 0}
 
     async def one(client: httpx.AsyncClient, i: int) -> None:
         kind = i % 5
@@ -64,7 +64,11 @@ async def _traffic(base: str, key: str, deadline: float) -> dict:
                 counts[f"{r.status_code // 100}xx"] += 1
                 async for line in r.aiter_lines():
                     if line.startswith("data: {"):
-                        rid = json.loads(line[6:])["id"]
+                        event = json.loads(line[6:])
+                        if "error" in event:  # a failure after the status line: a 5xx in-band
+                            counts["in_band_errors"] += 1
+                            return
+                        rid = event["id"]
                         if kind == 1:
                             aborted.append(rid)
                             counts["aborted"] += 1
@@ -140,7 +144,7 @@ def test_soak(tmp_path):
            **{f"{part}_drift_mb_per_min": round(_slope_per_min([x for x in xs if x[0] >= WARMUP_S]), 2)
               for part, xs in parts.items()},
            stats_held_at_end=health["engine_stats_held"])
-    assert counts["5xx"] == 0 and lost == []
+    assert counts["5xx"] == 0 and counts["in_band_errors"] == 0 and lost == []
     assert health["engine_requests"] == 0
     assert health["engine_stats_held"] == 0  # every request, aborted ones too, freed its worker statistics
     assert growth <= 50 and slope <= 2, (growth, slope, samples)
