@@ -18,7 +18,7 @@ import os
 import shutil
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -125,22 +125,18 @@ class AuditStore:
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
 
-    @contextlib.contextmanager
-    def _reading(self) -> Iterator[sa.Connection]:
+    def _reading(self) -> contextlib.AbstractContextManager[sa.Connection]:
         """A connection; a database that cannot be used raises StoreUnavailable (and starts an outage)."""
-        try:
-            with self._engine.connect() as conn:
-                yield conn
-        except sa.exc.DBAPIError as e:
-            if is_outage(e):
-                raise self.availability.failed(e) from e
-            raise
+        return self._guarded(self._engine.connect)
+
+    def _writing(self) -> contextlib.AbstractContextManager[sa.Connection]:
+        """A write transaction (committed on leaving); outages as in ``_reading``."""
+        return self._guarded(self._wengine.begin)
 
     @contextlib.contextmanager
-    def _writing(self) -> Iterator[sa.Connection]:
-        """A write transaction (committed on leaving); outages as in ``_reading``."""
+    def _guarded(self, connect: Callable[[], contextlib.AbstractContextManager[sa.Connection]]) -> Iterator[sa.Connection]:
         try:
-            with self._wengine.begin() as conn:
+            with connect() as conn:
                 yield conn
         except sa.exc.DBAPIError as e:
             if is_outage(e):
