@@ -280,7 +280,8 @@ class GenerationService:
     async def _failed(self, run: Run, exc: Exception) -> GenerationFailed | StoreUnavailable:
         """Store the request as failed (durable before the answer) and say so; when the store is down,
         say that instead (the failure is in the log, not in a record)."""
-        log.error("generation %s failed: %s: %s", run.plan.request_id, type(exc).__name__, exc)
+        # The traceback goes to the log (never to the client): a failure here is a defect to diagnose.
+        log.error("generation %s failed: %s: %s", run.plan.request_id, type(exc).__name__, exc, exc_info=exc)
         not_stored = await asyncio.shield(self._store_in_background(run, "failed", f"{type(exc).__name__}: {exc}"))
         if isinstance(not_stored, StoreUnavailable):
             return not_stored
