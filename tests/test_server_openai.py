@@ -50,7 +50,7 @@ async def test_chat_completion_carries_localist_metrics(localist_server, api):
     assert choice["finish_reason"] in ("length", "stop")
     loc = body["localist"]
     assert loc["audit_id"] == body["id"]
-    assert loc["locality"] == {"rho": [0.5, 0.5], "preset": "balanced"}
+    assert loc["locality"] == {"rho": [0.5, 0.5], "preset": "balanced", "scope": "all"}
     labels = [b["label"] for b in loc["blocks"]]
     assert labels[0] == "sink" and labels[-1] == "response" and "R1" in labels and "R2" in labels
     r1 = labels.index("R1")
@@ -93,7 +93,7 @@ async def test_per_layer_audit_and_per_layer_dial(localist_server, api):
         localist_server, locality=[0.0, 0.8], blocks=RULES, audit="per_layer", max_tokens=2))
     assert r.status_code == 200, r.text
     loc = r.json()["localist"]
-    assert loc["locality"] == {"rho": [0.0, 0.8], "preset": None}
+    assert loc["locality"] == {"rho": [0.0, 0.8], "preset": None, "scope": "all"}
     tok = loc["choices"][0]["tokens"][0]
     G = len(loc["blocks"])
     assert len(tok["layers"]) == 2 and len(tok["layers"][0]) == 4 and len(tok["layers"][0][0]) == G
